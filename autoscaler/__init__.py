@@ -1,0 +1,1 @@
+"""Shoal autoscaler component (see DESIGN.md); built out by its own issue."""

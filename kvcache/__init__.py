@@ -1,0 +1,1 @@
+"""Shoal kvcache component (see DESIGN.md); built out by its own issue."""

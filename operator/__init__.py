@@ -1,0 +1,1 @@
+"""Shoal operator component (see DESIGN.md); built out by its own issue."""

@@ -1,0 +1,1 @@
+"""Shoal router component (see DESIGN.md); built out by its own issue."""

@@ -1,0 +1,73 @@
+"""The ``shoal`` command line: one entry point, one subcommand per job.
+
+Subcommands import their component lazily so that ``shoal --help`` stays fast and a missing
+optional dependency of one component does not break the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shoal",
+        description="Shoal: a Kubernetes-native control plane for LLM serving.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    from shoal.sim.serve import add_sim_arguments
+
+    sim = sub.add_parser(
+        "sim",
+        help="run one simulated vLLM-compatible engine (OpenAI API, /metrics, KV events)",
+        description="Serve one simulated engine replica that behaves like a vLLM OpenAI server.",
+    )
+    add_sim_arguments(sim)
+
+    from shoal.sim.simulate_cli import add_simulate_arguments
+
+    simulate = sub.add_parser(
+        "simulate",
+        help="replay a workload on a simulated fleet on a virtual clock (hours in seconds)",
+        description="Run a fleet of simulated engines over a trace on a virtual clock.",
+    )
+    add_simulate_arguments(simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    # `shoal sim` takes the args an operator passes to vLLM; flags it does not model are logged
+    # and ignored rather than fatal, so a real vLLM pod spec runs unchanged on the simulator.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "sim":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "sim":
+        from shoal.sim.serve import run_sim
+
+        if unknown:
+            logging.getLogger("shoal.sim").warning(
+                "ignoring engine arguments the simulator does not model: %s", " ".join(unknown)
+            )
+
+        run_sim(args)
+        return 0
+    if args.command == "simulate":
+        from shoal.sim.simulate_cli import run_simulate
+
+        return int(run_simulate(args))
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,6 +35,9 @@ class KvAllocation:
 
     blocks: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
+    # Hashes of the prompt's blocks computed for the prefix lookup at admission; reused when those
+    # blocks fill so each block is hashed once (sha256 is most of a simulated step's cost).
+    known_hashes: list[int] = field(default_factory=list)
 
 
 class KvCacheManager:
@@ -93,6 +96,7 @@ class KvCacheManager:
             block.ref_cnt += 1
         alloc.blocks.extend(block_ids)
         alloc.block_hashes.extend(hashes[: len(block_ids)])
+        alloc.known_hashes = hashes
 
     def blocks_needed(self, alloc: KvAllocation, num_tokens: int) -> int:
         """Extra blocks ``alloc`` needs to hold ``num_tokens`` tokens in total."""
@@ -134,6 +138,7 @@ class KvCacheManager:
                     self._free[bid] = None
         alloc.blocks.clear()
         alloc.block_hashes.clear()
+        alloc.known_hashes = []
 
     def cache_full_blocks(
         self, alloc: KvAllocation, token_ids: list[int], num_computed: int, lora_name: str | None
@@ -154,9 +159,10 @@ class KvCacheManager:
         event_parent = parent
         stored: list[int] = []
         stored_tokens: list[int] = []
+        known = alloc.known_hashes
         for i in range(done, full):
             tokens = token_ids[i * bs : (i + 1) * bs]
-            h = hash_block(parent, tokens, lora_name)
+            h = known[i] if i < len(known) else hash_block(parent, tokens, lora_name)
             alloc.block_hashes.append(h)
             parent = h
             block = self._blocks[alloc.blocks[i]]

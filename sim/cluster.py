@@ -27,8 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shoal.sim.catalog import get_gpu, get_model
-from shoal.sim.engine import EngineConfig, EngineCore, kv_blocks_for
+from shoal.sim.engine import EngineConfig, EngineCore, sized_engine_config
 from shoal.sim.fastforward import fast_forward
 from shoal.sim.trace import PromptFactory, TraceRequest
 from shoal.sim.types import EngineRequest, FinishedRequestStats, SamplingParams
@@ -54,20 +53,13 @@ class EngineSpec:
     enable_prefix_caching: bool = True
 
     def engine_config(self, seed: int = 0) -> EngineConfig:
-        model = get_model(self.model)
-        gpu = get_gpu(self.gpu)
-        blocks = kv_blocks_for(
-            model, gpu, self.num_gpus, self.block_size, self.gpu_memory_utilization
-        )
-        max_len = min(self.max_model_len or model.max_model_len, blocks * self.block_size)
-        return EngineConfig(
-            model_name=model.name,
-            model=model,
-            gpu=gpu,
+        return sized_engine_config(
+            model=self.model,
+            gpu=self.gpu,
             num_gpus=self.num_gpus,
-            max_model_len=max_len,
             block_size=self.block_size,
-            num_gpu_blocks=blocks,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             enable_prefix_caching=self.enable_prefix_caching,

@@ -26,9 +26,10 @@ from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from shoal.hashing import block_hashes
-from shoal.sim.catalog import GpuSpec, ModelSpec
+from shoal.sim.catalog import GpuSpec, ModelSpec, get_gpu, get_model
 from shoal.sim.kv_cache import KvAllocation, KvCacheManager
 from shoal.sim.lora import LoraManager, default_path_check
 from shoal.sim.perf import BatchShape, PerfModel
@@ -478,3 +479,39 @@ def kv_blocks_for(
     """Number of KV blocks that fit, as vLLM sizes its cache from free GPU memory."""
     perf = PerfModel(model, gpu, num_gpus)
     return perf.kv_cache_capacity_tokens(gpu_memory_utilization) // block_size
+
+
+def sized_engine_config(
+    *,
+    model: str,
+    gpu: str,
+    num_gpus: int = 1,
+    block_size: int = 16,
+    gpu_memory_utilization: float = 0.9,
+    num_gpu_blocks: int | None = None,
+    max_model_len: int | None = None,
+    served_model_name: str | None = None,
+    **limits: Any,
+) -> EngineConfig:
+    """An ``EngineConfig`` for a model on some GPUs, with the KV cache sized from their memory.
+
+    Resolves catalog names (``KeyError`` for unknown ones, ``ValueError`` when the model does not
+    fit) and caps ``max_model_len`` at what the KV cache can hold, so one request always fits.
+    ``limits`` are the remaining ``EngineConfig`` fields (``max_num_seqs``, LoRA limits, ...).
+    """
+    model_spec = get_model(model)
+    gpu_spec = get_gpu(gpu)
+    blocks = num_gpu_blocks or kv_blocks_for(
+        model_spec, gpu_spec, num_gpus, block_size, gpu_memory_utilization
+    )
+    max_len = min(max_model_len or model_spec.max_model_len, blocks * block_size)
+    return EngineConfig(
+        model_name=served_model_name or model_spec.name,
+        model=model_spec,
+        gpu=gpu_spec,
+        num_gpus=num_gpus,
+        max_model_len=max_len,
+        block_size=block_size,
+        num_gpu_blocks=blocks,
+        **limits,
+    )

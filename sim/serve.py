@@ -18,9 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from shoal.kv_events import EventBatch
-from shoal.sim.catalog import get_gpu, get_model
 from shoal.sim.driver import AsyncEngine
-from shoal.sim.engine import EngineConfig, EngineCore, kv_blocks_for
+from shoal.sim.engine import EngineCore, sized_engine_config
 from shoal.sim.kv_publisher import KvEventPublisher
 from shoal.sim.metrics import VllmMetrics, vllm_cache_config
 from shoal.sim.protocol import DEFAULT_MAX_BODY_BYTES
@@ -199,21 +198,16 @@ def lora_path_check(mode: str, fake_roots: list[str]) -> Callable[[str], bool]:
 
 def build_engine(args: argparse.Namespace) -> tuple[AsyncEngine, int]:
     model_name = args.model or args.model_tag or "meta-llama/Llama-3.1-8B-Instruct"
-    spec = get_model(model_name)
-    gpu = get_gpu(args.gpu)
-    max_model_len = args.max_model_len or spec.max_model_len
-    blocks = args.num_gpu_blocks_override or kv_blocks_for(
-        spec, gpu, args.num_gpus, args.block_size, args.gpu_memory_utilization
-    )
     served = args.served_model_name[0] if args.served_model_name else model_name
-    config = EngineConfig(
-        model_name=served,
-        model=spec,
-        gpu=gpu,
+    config = sized_engine_config(
+        model=model_name,
+        gpu=args.gpu,
         num_gpus=args.num_gpus,
-        max_model_len=max_model_len,
         block_size=args.block_size,
-        num_gpu_blocks=blocks,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        num_gpu_blocks=args.num_gpu_blocks_override,
+        max_model_len=args.max_model_len,
+        served_model_name=served,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_lora=args.enable_lora,
@@ -230,7 +224,7 @@ def build_engine(args: argparse.Namespace) -> tuple[AsyncEngine, int]:
         if not sep:
             raise SystemExit(f"--lora-modules expects name=path, got {item!r}")
         core.lora.add(name, path)
-    return AsyncEngine(core, time_scale=args.time_scale), blocks
+    return AsyncEngine(core, time_scale=args.time_scale), config.num_gpu_blocks
 
 
 def _kv_publisher(raw: str | None) -> KvEventPublisher | None:
@@ -262,7 +256,10 @@ def run_sim(args: argparse.Namespace) -> None:
     import uvicorn
 
     _log_ignored(args)
-    engine, blocks = build_engine(args)
+    try:
+        engine, blocks = build_engine(args)
+    except (KeyError, ValueError) as exc:  # unknown model/GPU, a model that does not fit
+        raise SystemExit(f"shoal sim: {exc.args[0] if exc.args else exc}") from None
     cfg = engine.config
     publisher = _kv_publisher(args.kv_events_config)
     if publisher is not None:

@@ -37,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a fleet of simulated engines over a trace on a virtual clock.",
     )
     add_simulate_arguments(simulate)
+
+    from shoal.router.cli import add_router_arguments
+
+    router = sub.add_parser(
+        "router",
+        help="run the OpenAI-compatible router in front of engines",
+        description="Route OpenAI requests to the engine where they finish soonest.",
+    )
+    add_router_arguments(router)
     return parser
 
 
@@ -65,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from shoal.sim.simulate_cli import run_simulate
 
         return int(run_simulate(args))
+    if args.command == "router":
+        from shoal.router.cli import run_router
+
+        return int(run_router(args))
     parser.print_help()
     return 2
 

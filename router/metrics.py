@@ -1,0 +1,200 @@
+"""The router's own metrics (``shoal_router_*``), in a private registry.
+
+A private :class:`CollectorRegistry` per router app (no global default registry), so several
+routers in one process (tests, the cluster simulator) never collide. Gauges that mirror state
+owned elsewhere (queue depth, stale endpoints, fallbacks) are read at scrape time by a custom
+collector instead of being pushed on every change: nothing to keep in sync, nothing on the hot
+path.
+
+Label values are bounded: ``endpoint`` is a discovered URL, ``model`` a model the fleet serves
+(requests for anything else are labelled ``model=""``), ``status`` an HTTP status code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+_RATIO_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+
+
+class _StateCollector(Collector):
+    """Reads router state at scrape time through callbacks."""
+
+    def __init__(
+        self,
+        queue_depths: Callable[[], Mapping[str, int]],
+        endpoints: Callable[[], Mapping[str, tuple[bool, bool, int]]],
+        fallbacks: Callable[[], Mapping[tuple[str, str], int]],
+        shared_state_up: Callable[[], float | None],
+    ) -> None:
+        self._queue_depths = queue_depths
+        self._endpoints = endpoints
+        self._fallbacks = fallbacks
+        self._shared_up = shared_state_up
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "shoal_router_queue_depth", "Requests waiting for capacity, per model", labels=["model"]
+        )
+        for model, n in sorted(self._queue_depths().items()):
+            depth.add_metric([model], n)
+        yield depth
+        stale = GaugeMetricFamily(
+            "shoal_router_endpoint_stale",
+            "1 when the endpoint's metrics are stale (it then counts as saturated)",
+            labels=["endpoint"],
+        )
+        ejected = GaugeMetricFamily(
+            "shoal_router_endpoint_ejected",
+            "1 while the endpoint is ejected after repeated failures",
+            labels=["endpoint"],
+        )
+        in_flight = GaugeMetricFamily(
+            "shoal_router_endpoint_in_flight",
+            "Requests in flight to the endpoint (this router plus other replicas via Redis)",
+            labels=["endpoint"],
+        )
+        for url, (is_stale, is_ejected, n) in sorted(self._endpoints().items()):
+            stale.add_metric([url], 1.0 if is_stale else 0.0)
+            ejected.add_metric([url], 1.0 if is_ejected else 0.0)
+            in_flight.add_metric([url], n)
+        yield stale
+        yield ejected
+        yield in_flight
+        fallbacks = CounterMetricFamily(
+            "shoal_router_strategy_fallbacks",
+            "Decisions where a strategy could not use its main signal",
+            labels=["strategy", "reason"],
+        )
+        for (strategy, reason), n in sorted(self._fallbacks().items()):
+            fallbacks.add_metric([strategy, reason], n)
+        yield fallbacks
+        up = self._shared_up()
+        if up is not None:
+            yield GaugeMetricFamily(
+                "shoal_router_shared_state_up",
+                "1 while shared state (Redis) is reachable; 0: serving on local state only",
+                value=up,
+            )
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "shoal_router_requests",
+            "Requests answered, by model, endpoint (empty if none) and HTTP status",
+            ["model", "endpoint", "status"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "shoal_router_ttft_seconds",
+            "Time to first token measured at the router (first upstream chunk of a stream)",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "shoal_router_time_per_output_token_seconds",
+            "Time per output token after the first, measured at the router",
+            ["model"],
+            buckets=_TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "shoal_router_e2e_latency_seconds",
+            "End-to-end request latency at the router, queueing included",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "shoal_router_queue_wait_seconds",
+            "Time requests waited in the admission queue",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decisions = Counter(
+            "shoal_router_decisions",
+            "Routing decisions by strategy and the scorer that decided them",
+            ["strategy", "deciding_scorer"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "shoal_router_rejections",
+            "Requests refused by admission (429) or for lack of endpoints (503)",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "shoal_router_retries",
+            "Requests retried on another endpoint after failing before their first byte",
+            ["model"],
+            registry=r,
+        )
+        self.ejections = Counter(
+            "shoal_router_ejections",
+            "Endpoints ejected after consecutive failures",
+            ["endpoint"],
+            registry=r,
+        )
+        self.prefix_blocks = Counter(
+            "shoal_router_prefix_blocks",
+            "Prompt blocks at decision time (kind=prompt) and those the chosen endpoint "
+            "was estimated to hold (kind=matched); matched/prompt is the estimated hit ratio",
+            ["strategy", "kind"],
+            registry=r,
+        )
+        self.prefix_hit_ratio = Histogram(
+            "shoal_router_prefix_hit_ratio",
+            "Estimated prefix hit ratio of each decision (matched blocks / prompt blocks)",
+            ["strategy"],
+            buckets=_RATIO_BUCKETS,
+            registry=r,
+        )
+
+    def watch_state(
+        self,
+        queue_depths: Callable[[], Mapping[str, int]],
+        endpoints: Callable[[], Mapping[str, tuple[bool, bool, int]]],
+        fallbacks: Callable[[], Mapping[tuple[str, str], int]],
+        shared_state_up: Callable[[], float | None],
+    ) -> None:
+        self.registry.register(_StateCollector(queue_depths, endpoints, fallbacks, shared_state_up))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def sample_value(text: str, name: str, labels: Mapping[str, Any] | None = None) -> float | None:
+    """The value of one sample in exposition ``text`` (tests and benchmarks read metrics so)."""
+    want = {k: str(v) for k, v in (labels or {}).items()}
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        rest = line[len(name) :]
+        if rest.startswith("{"):
+            close = rest.rfind("}")
+            pairs = dict(item.split("=", 1) for item in rest[1:close].split('",') if "=" in item)
+            got = {k: v.strip('"') for k, v in pairs.items()}
+            value = rest[close + 1 :]
+        elif rest.startswith(" "):
+            got, value = {}, rest
+        else:
+            continue
+        if all(got.get(k) == v for k, v in want.items()):
+            return float(value.split()[0])
+    return None

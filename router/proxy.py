@@ -1,0 +1,694 @@
+"""The gateway: OpenAI-compatible endpoints in front of the engines.
+
+One request, start to end:
+
+1. identify the caller (API key -> tenant and default priority; open router: headers);
+2. read the body under ``max_body_bytes`` (413) and parse it exactly once (400 if malformed);
+3. resolve the model against what the engines serve (404 unknown, 503 with no endpoints);
+4. tokenize the prompt and hash its blocks with the engines' block size (for prefix affinity);
+5. admission: wait for capacity in the model's priority/fair-share queue, or be refused (429);
+6. route through the model's pipeline (or the ``x-shoal-strategy`` override) and send;
+7. a failure before the first response byte (connection error, 5xx) is retried on another
+   endpoint, up to ``max_attempts``; repeated failures eject the endpoint (engine state);
+8. the engine's response is passed through chunk by chunk as it arrives (no buffering), with
+   ``x-shoal-endpoint`` naming the endpoint; a client disconnect cancels the upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from shoal.hashing import block_hashes
+from shoal.router.admission import AdmissionController, Rejected
+from shoal.router.config import RouterConfig, priority_from_name
+from shoal.router.engine_state import EngineStateStore
+from shoal.router.kv_index import KvEventIndex
+from shoal.router.metrics import CONTENT_TYPE, RouterMetrics
+from shoal.router.prefix_index import ApproxPrefixIndex
+from shoal.router.shared_state import SharedState
+from shoal.router.strategies import PipelineSet, check_strategy
+from shoal.router.types import EndpointState, Priority, RoutingRequest
+from shoal.sim.catalog import get_model
+from shoal.sim.tokenizer import SimTokenizer
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_HEADER = "x-shoal-endpoint"
+STRATEGY_HEADER = "x-shoal-strategy"
+PRIORITY_HEADER = "x-shoal-priority"
+TENANT_HEADER = "x-shoal-tenant"
+SESSION_HEADER = "x-session-id"
+
+# Routing needs the prompt's prefix, not all of it: cap the work a huge prompt costs the loop.
+MAX_TOKENIZED_CHARS = 256 * 1024
+MAX_ROUTING_BLOCKS = 1024
+MAX_SESSION_ID = 256
+_USAGE_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_TAIL_BYTES = 512
+# Headers of the engine's response that the router must not copy (hop-by-hop, or set by the
+# router's own server).
+_DROP_RESPONSE_HEADERS = frozenset(
+    {b"connection", b"keep-alive", b"transfer-encoding", b"date", b"server", b"content-length"}
+)
+
+
+# --------------------------------------------------------------------------- errors and bodies
+
+
+class ApiError(Exception):
+    """An error answered to the client in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+    def response(self) -> Response:
+        headers = {}
+        if self.retry_after_s is not None:
+            headers["retry-after"] = str(self.retry_after_s)
+        body = {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code if self.code is not None else self.status,
+            }
+        }
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+class PromptTokenizer(Protocol):
+    """What routing needs from a tokenizer: the engine's chat template and token ids.
+
+    ``shoal sim`` engines use :class:`SimTokenizer`; an adapter around an HF ``tokenizers``
+    tokenizer (with the model's chat template) plugs in the same way for real vLLM engines.
+    """
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str: ...
+
+
+class TokenizerProvider(Protocol):
+    """The tokenizer of a model (by the engine's model root, e.g. its Hugging Face name)."""
+
+    def for_model(self, model: str) -> PromptTokenizer: ...
+
+
+class SimPromptTokenizer:
+    def __init__(self, vocab_size: int = 128256) -> None:
+        self._tok = SimTokenizer(vocab_size)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text)
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        return self._tok.apply_chat_template(messages, add_generation_prompt=True)
+
+
+class SimTokenizers:
+    """Tokenizers matching ``shoal sim`` engines: the simulator's word-level tokenizer hashes
+    words into the model's vocabulary, so the vocabulary size (from the simulator's catalog)
+    must match the engine's for token ids, hence block hashes, to agree. One per vocabulary size
+    (a handful), cached."""
+
+    def __init__(self, default_vocab_size: int = 128256) -> None:
+        self._default = default_vocab_size
+        self._by_vocab: dict[int, SimPromptTokenizer] = {}
+        self._vocab_by_model: dict[str, int] = {}
+
+    def for_model(self, model: str) -> PromptTokenizer:
+        vocab = self._vocab_by_model.get(model)
+        if vocab is None:
+            try:
+                vocab = get_model(model).vocab_size
+            except KeyError:
+                vocab = self._default
+            if len(self._vocab_by_model) < 4096:
+                self._vocab_by_model[model] = vocab
+        tok = self._by_vocab.get(vocab)
+        if tok is None:
+            tok = self._by_vocab[vocab] = SimPromptTokenizer(vocab)
+        return tok
+
+
+@dataclass(slots=True)
+class ParsedBody:
+    model: str
+    stream: bool
+    max_tokens: int | None
+    user: str | None
+    prompt_token_ids: list[int]
+    prompt_tokens: int  # estimated for prompts beyond MAX_TOKENIZED_CHARS
+
+
+def _bad(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", param=param)
+
+
+def parse_body(
+    raw: bytes, kind: str, tokenizer_for: Callable[[str], PromptTokenizer]
+) -> ParsedBody:
+    """Parse an OpenAI completions/chat body once and extract what routing needs.
+
+    Only what routing relies on is validated here; the engine validates the rest and its 400s
+    pass through unchanged.
+    """
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise _bad("request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("'model' must be a non-empty string", "model")
+    stream = body.get("stream") is True
+    max_tokens: int | None = None
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            max_tokens = value
+            break
+    user = body.get("user")
+    tokenizer = tokenizer_for(model)
+    text: str | None = None
+    ids: list[int] = []
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise _bad("'messages' must be a list of message objects", "messages")
+        text = tokenizer.chat_prompt(messages)
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt:
+            prompt = prompt[0] if not isinstance(prompt[0], int) else prompt
+        if isinstance(prompt, str):
+            text = prompt
+        elif isinstance(prompt, list):
+            ids = [t for t in prompt[: MAX_ROUTING_BLOCKS * 64] if isinstance(t, int)]
+        elif prompt is not None:
+            raise _bad("'prompt' must be a string, a list of strings or token ids", "prompt")
+    prompt_tokens = len(ids)
+    if text is not None:
+        head = text[:MAX_TOKENIZED_CHARS]
+        ids = tokenizer.encode(head)
+        prompt_tokens = len(ids)
+        if len(text) > len(head):
+            # Roughly as many tokens per character as the part we did tokenize.
+            prompt_tokens += int((len(text) - len(head)) * len(ids) / max(1, len(head)))
+    return ParsedBody(
+        model=model,
+        stream=stream,
+        max_tokens=max_tokens,
+        user=user if isinstance(user, str) else None,
+        prompt_token_ids=ids,
+        prompt_tokens=prompt_tokens,
+    )
+
+
+# ------------------------------------------------------------------------------ the gateway
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    tenant: str
+    priority: Priority
+    # True when the router authenticated the caller itself: its key is not forwarded upstream.
+    authenticated: bool
+
+
+class Gateway:
+    """The request handlers; everything they use is passed in (no globals)."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        store: EngineStateStore,
+        pipelines: PipelineSet,
+        admission: AdmissionController,
+        metrics: RouterMetrics,
+        client: httpx.AsyncClient,
+        *,
+        tokenizers: TokenizerProvider | None = None,
+        approx_index: ApproxPrefixIndex | None = None,
+        kv_index: KvEventIndex | None = None,
+        shared: SharedState | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.pipelines = pipelines
+        self.admission = admission
+        self.metrics = metrics
+        self.client = client
+        self.tokenizers = tokenizers or SimTokenizers()
+        self.approx_index = approx_index
+        self.kv_index = kv_index
+        self.shared = shared
+        self._clock = clock
+        self._keys = {
+            key: (k.tenant, priority_from_name(k.priority)) for key, k in config.api_keys.items()
+        }
+
+    # ------------------------------------------------------------------------- plain routes
+
+    async def health(self, request: Request) -> Response:
+        states = self.store.states()
+        return JSONResponse(
+            {
+                "status": "ok",
+                "endpoints": len(states),
+                "healthy_endpoints": sum(1 for s in states if s.healthy and not s.stale),
+            }
+        )
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def models(self, request: Request) -> Response:
+        now = int(time.time())
+        data = [
+            {
+                "id": card.id,
+                "object": "model",
+                "created": now,
+                "owned_by": "shoal",
+                "root": card.id if card.parent is None else card.parent,
+                "parent": card.parent,
+            }
+            for card in self.store.model_cards()
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._handle(request, "chat", "/v1/chat/completions")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._handle(request, "completion", "/v1/completions")
+
+    # ---------------------------------------------------------------------------- pieces
+
+    def _tokenizer_for(self, model: str) -> PromptTokenizer:
+        return self.tokenizers.for_model(self.store.model_root(model))
+
+    def _identify(self, request: Request) -> Identity:
+        header_priority = request.headers.get(PRIORITY_HEADER)
+        asked: Priority | None = None
+        if header_priority:
+            try:
+                asked = priority_from_name(header_priority)
+            except ValueError as exc:
+                raise _bad(str(exc), PRIORITY_HEADER) from None
+        if not self._keys:
+            tenant = request.headers.get(TENANT_HEADER) or "default"
+            return Identity(tenant[:MAX_SESSION_ID], asked or Priority.STANDARD, False)
+        auth = request.headers.get("authorization", "")
+        key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        found = self._keys.get(key)
+        if found is None:
+            raise ApiError(
+                401, "missing or invalid API key", "invalid_request_error", code="invalid_api_key"
+            )
+        tenant, default_priority = found
+        # A key may lower its requests' priority by header, never raise it.
+        priority = default_priority if asked is None else max(asked, default_priority)
+        return Identity(tenant, priority, True)
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body exceeds {limit} bytes", "invalid_request_error")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body exceeds {limit} bytes", "invalid_request_error")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _no_endpoint(self, model: str, reason: str) -> ApiError:
+        self.metrics.rejections.labels(model, reason).inc()
+        return ApiError(
+            503,
+            f"no endpoint can serve model {model!r} right now",
+            "service_unavailable",
+            code=reason,
+            retry_after_s=1,
+        )
+
+    def _upstream_headers(self, request: Request, identity: Identity) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        for name in ("accept", "x-request-id"):
+            value = request.headers.get(name)
+            if value is not None:
+                headers[name] = value
+        if not identity.authenticated:
+            auth = request.headers.get("authorization")
+            if auth is not None:
+                headers["authorization"] = auth  # the engines' own key, if they have one
+        return headers
+
+    def _record_prefix_estimate(
+        self, rreq: RoutingRequest, strategy: str, matched: Mapping[str, int], url: str
+    ) -> None:
+        total = len(rreq.block_hashes)
+        if total == 0:
+            return
+        hit = matched.get(url, 0)
+        self.metrics.prefix_blocks.labels(strategy, "prompt").inc(total)
+        self.metrics.prefix_blocks.labels(strategy, "matched").inc(hit)
+        self.metrics.prefix_hit_ratio.labels(strategy).observe(hit / total)
+
+    def _prefix_matches(
+        self, rreq: RoutingRequest, strategy: str, candidates: Sequence[EndpointState]
+    ) -> Mapping[str, int]:
+        if not rreq.block_hashes:
+            return {}
+        urls = [c.url for c in candidates]
+        if strategy == "kv-aware" and self.kv_index is not None:
+            return self.kv_index.match(rreq.block_hashes, urls)
+        if self.approx_index is not None:
+            return self.approx_index.match(rreq.block_hashes, urls)
+        return {}
+
+    # ---------------------------------------------------------------------------- the proxy
+
+    async def _handle(self, request: Request, kind: str, path: str) -> Response:
+        started = self._clock()
+        try:
+            identity = self._identify(request)
+            try:
+                raw = await self._read_body(request)
+            except ClientDisconnect:
+                return Response(status_code=499)
+            parsed = parse_body(raw, kind, self._tokenizer_for)
+            strategy = request.headers.get(STRATEGY_HEADER) or None
+            if strategy is not None:
+                try:
+                    check_strategy(strategy)
+                except ValueError as exc:
+                    raise _bad(str(exc), STRATEGY_HEADER) from None
+            resolved = self.store.resolve_model(parsed.model)
+            if resolved is None:
+                if not any(s.healthy for s in self.store.states()):
+                    raise self._no_endpoint("", "no_endpoints")
+                self.metrics.requests.labels("", "", "404").inc()
+                raise ApiError(
+                    404,
+                    f"The model `{parsed.model}` does not exist.",
+                    "NotFoundError",
+                    param="model",
+                    code="model_not_found",
+                )
+            base, lora = resolved
+            session = request.headers.get(SESSION_HEADER) or parsed.user
+            expected = (
+                parsed.max_tokens
+                if parsed.max_tokens is not None
+                else self.config.expected_output_tokens
+            )
+            size = self.store.block_size_for(base)
+            ids = parsed.prompt_token_ids[: MAX_ROUTING_BLOCKS * size]
+            rreq = RoutingRequest(
+                model=parsed.model,
+                base_model=base,
+                lora=lora,
+                prompt_token_ids=parsed.prompt_token_ids,
+                block_hashes=block_hashes(ids, size, lora),
+                expected_output_tokens=expected,
+                session_id=session[:MAX_SESSION_ID] if session else None,
+                tenant=identity.tenant,
+                priority=identity.priority,
+                stream=parsed.stream,
+                strategy=strategy,
+            )
+            try:
+                ticket = await self.admission.admit(
+                    base, identity.tenant, identity.priority, parsed.prompt_tokens, expected
+                )
+            except Rejected as exc:
+                self.metrics.rejections.labels(base, exc.reason).inc()
+                self.metrics.requests.labels(base, "", "429").inc()
+                raise ApiError(
+                    429,
+                    f"model {base!r} is at capacity ({exc.reason.replace('_', ' ')}); retry later",
+                    "rate_limit_error",
+                    code=exc.reason,
+                    retry_after_s=exc.retry_after_s,
+                ) from None
+            self.metrics.queue_wait.labels(base).observe(ticket.queued_s)
+            try:
+                return await self._dispatch(request, raw, path, rreq, parsed, identity, started)
+            finally:
+                ticket.dispatched()
+        except ApiError as err:
+            return err.response()
+
+    async def _dispatch(
+        self,
+        request: Request,
+        raw: bytes,
+        path: str,
+        rreq: RoutingRequest,
+        parsed: ParsedBody,
+        identity: Identity,
+        started: float,
+    ) -> Response:
+        base = rreq.base_model
+        pipeline = self.pipelines.for_model(base, rreq.strategy)
+        headers = self._upstream_headers(request, identity)
+        cost = parsed.prompt_tokens + rreq.expected_output_tokens
+        excluded: set[str] = set()
+        last_failure: str | None = None
+        for attempt in range(self.config.max_attempts):
+            candidates = [s for s in self.store.states() if s.url not in excluded]
+            matched = self._prefix_matches(rreq, pipeline.name, candidates) if attempt == 0 else {}
+            decision = pipeline.decide(rreq, candidates)
+            if decision is None:
+                break
+            url = decision.endpoint.url
+            self.metrics.decisions.labels(pipeline.name, decision.deciding_scorer).inc()
+            if attempt == 0:
+                self._record_prefix_estimate(rreq, pipeline.name, matched, url)
+            else:
+                self.metrics.retries.labels(base).inc()
+            if self.shared is not None:
+                self.shared.record(rreq.block_hashes, url)
+            self.store.begin(url, cost)
+            upstream_request = self.client.build_request(
+                "POST", url + path, content=raw, headers=headers
+            )
+            try:
+                upstream = await self.client.send(upstream_request, stream=True)
+            except httpx.TransportError as exc:
+                last_failure = f"{type(exc).__name__}"
+                self._failed(url, base, cost)
+                excluded.add(url)
+                continue
+            except BaseException:
+                self.store.end(url, cost)
+                raise
+            if upstream.status_code >= 500:
+                last_failure = f"HTTP {upstream.status_code}"
+                await upstream.aclose()
+                self._failed(url, base, cost)
+                excluded.add(url)
+                continue
+            self.store.record_success(url)
+            return UpstreamResponse(
+                upstream,
+                url,
+                on_done=self._finisher(rreq, parsed, identity, url, cost, started),
+            )
+        if last_failure is not None:
+            self.metrics.rejections.labels(base, "upstream_failed").inc()
+            self.metrics.requests.labels(base, "", "502").inc()
+            raise ApiError(
+                502,
+                f"every attempt failed before a response (last: {last_failure})",
+                "upstream_error",
+                code="upstream_failed",
+                retry_after_s=1,
+            )
+        self.metrics.requests.labels(base, "", "503").inc()
+        raise self._no_endpoint(base, "no_endpoint")
+
+    def _failed(self, url: str, model: str, cost: int) -> None:
+        self.store.end(url, cost)
+        if self.store.record_failure(url):
+            self.metrics.ejections.labels(url).inc()
+            log.warning("ejected endpoint %s after repeated failures", url)
+
+    def _finisher(
+        self,
+        rreq: RoutingRequest,
+        parsed: ParsedBody,
+        identity: Identity,
+        url: str,
+        cost: int,
+        started: float,
+    ) -> Callable[[StreamOutcome], None]:
+        base = rreq.base_model
+
+        def done(outcome: StreamOutcome) -> None:
+            self.store.end(url, cost)
+            if outcome.upstream_error:
+                self._failed_after_first_byte(url)
+            m = self.metrics
+            now = self._clock()
+            status = "499" if outcome.client_disconnected else str(outcome.status)
+            m.requests.labels(base, url, status).inc()
+            m.e2e.labels(base).observe(now - started)
+            if parsed.stream and outcome.first_chunk_at is not None:
+                m.ttft.labels(base).observe(outcome.first_chunk_at - started)
+                tokens = outcome.output_tokens
+                if tokens is not None and tokens > 1:
+                    m.tpot.labels(base).observe((now - outcome.first_chunk_at) / (tokens - 1))
+            if outcome.output_tokens is not None:
+                self.admission.settle(
+                    base, identity.tenant, rreq.expected_output_tokens, outcome.output_tokens
+                )
+            self.admission.pump(base)
+
+        return done
+
+    def _failed_after_first_byte(self, url: str) -> None:
+        if self.store.record_failure(url):
+            self.metrics.ejections.labels(url).inc()
+
+
+# --------------------------------------------------------------------------- the passthrough
+
+
+@dataclass(slots=True)
+class StreamOutcome:
+    status: int
+    first_chunk_at: float | None = None
+    output_tokens: int | None = None
+    client_disconnected: bool = False
+    upstream_error: bool = False
+    finished: bool = False  # the last byte was handed to the server
+
+
+class UpstreamResponse(Response):
+    """Sends the engine's response to the client chunk by chunk as it arrives.
+
+    Watches the client connection while streaming: on disconnect the send loop is cancelled
+    and the upstream response closed, which closes its connection, and the engine aborts the
+    request (vLLM and ``shoal sim`` abort on disconnect). Waiting for the next ``send`` to fail
+    would leave a stalled generation running until it produced another token.
+    """
+
+    def __init__(
+        self,
+        upstream: httpx.Response,
+        endpoint_url: str,
+        on_done: Callable[[StreamOutcome], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.upstream = upstream
+        self.status_code = upstream.status_code
+        self.endpoint_url = endpoint_url
+        self._on_done = on_done
+        self._clock = clock
+        self.background = None
+        raw = [(k.lower(), v) for k, v in upstream.headers.raw]
+        self.raw_headers = [(k, v) for k, v in raw if k not in _DROP_RESPONSE_HEADERS]
+        self.raw_headers.append((ENDPOINT_HEADER.encode(), endpoint_url.encode()))
+        self._streaming = "text/event-stream" in upstream.headers.get("content-type", "")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        outcome = StreamOutcome(status=self.status_code)
+        loop = asyncio.get_running_loop()
+        pump = loop.create_task(self._pump(send, outcome))
+        watcher = loop.create_task(self._watch_disconnect(receive, pump, outcome))
+        try:
+            await pump
+        except asyncio.CancelledError:
+            if not outcome.client_disconnected:
+                raise  # the server is shutting down, not the client leaving
+        finally:
+            watcher.cancel()
+            pump.cancel()
+            with contextlib.suppress(BaseException):
+                await watcher
+            with contextlib.suppress(BaseException):
+                await self.upstream.aclose()
+            try:
+                self._on_done(outcome)
+            except Exception:
+                log.exception("request accounting failed")
+
+    async def _watch_disconnect(
+        self, receive: Receive, pump: asyncio.Task[None], outcome: StreamOutcome
+    ) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if outcome.finished:
+                    return  # servers report a disconnect after a complete response too
+                outcome.client_disconnected = True
+                pump.cancel()
+                return
+
+    async def _pump(self, send: Send, outcome: StreamOutcome) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        events = 0
+        tail = b""
+        try:
+            async for chunk in self.upstream.aiter_raw():
+                if not chunk:
+                    continue
+                if outcome.first_chunk_at is None:
+                    outcome.first_chunk_at = self._clock()
+                if self._streaming:
+                    events += chunk.count(b"data: ")
+                tail = (tail + chunk)[-_TAIL_BYTES:]
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            # The engine failed mid-response: nothing to retry (bytes already went out); end
+            # the response so the client sees a truncated body rather than a hang.
+            outcome.upstream_error = True
+            log.warning("upstream %s failed mid-response: %r", self.endpoint_url, exc)
+        except OSError:
+            outcome.client_disconnected = True
+            return
+        usage = _USAGE_TOKENS.findall(tail)
+        if usage:
+            outcome.output_tokens = int(usage[-1])
+        elif self._streaming and events:
+            outcome.output_tokens = max(0, events - 1)  # minus the closing [DONE]
+        outcome.finished = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

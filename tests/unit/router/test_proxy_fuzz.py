@@ -1,0 +1,145 @@
+"""Hypothesis-generated request bodies and headers never produce a 500 nor break the router.
+
+The router runs in-process with its real lifespan; its engine is a stub ASGI app reached through
+the router's own HTTP client (an ``httpx.ASGITransport``), so no process or port is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from shoal.router.app import build_components, create_router_app
+from shoal.router.config import RouterConfig
+
+METRICS = (
+    'vllm:num_requests_running{engine="0",model_name="tiny"} 0.0\n'
+    'vllm:num_requests_waiting{engine="0",model_name="tiny"} 0.0\n'
+    'vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.0\n'
+    'vllm:cache_config_info{block_size="16",engine="0"} 1.0\n'
+)
+
+
+async def _metrics(request: Request) -> Response:
+    return PlainTextResponse(METRICS)
+
+
+async def _models(request: Request) -> Response:
+    return JSONResponse({"data": [{"id": "tiny", "root": "tiny", "parent": None}]})
+
+
+async def _complete(request: Request) -> Response:
+    await request.body()
+    return JSONResponse({"choices": [{"text": "ok"}], "usage": {"completion_tokens": 1}})
+
+
+ENGINE = Starlette(
+    routes=[
+        Route("/metrics", _metrics),
+        Route("/v1/models", _models),
+        Route("/v1/completions", _complete, methods=["POST"]),
+        Route("/v1/chat/completions", _complete, methods=["POST"]),
+    ]
+)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+bodies = st.one_of(
+    st.binary(max_size=200),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {"model": st.sampled_from(["tiny", "other", ""]) | json_values},
+        optional={
+            "prompt": json_values,
+            "messages": json_values,
+            "stream": json_values,
+            "max_tokens": json_values,
+            "user": json_values,
+        },
+    ).map(lambda v: json.dumps(v).encode()),
+)
+headers = st.dictionaries(
+    st.sampled_from(["x-shoal-strategy", "x-shoal-priority", "x-session-id", "x-shoal-tenant"]),
+    st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=12),
+    max_size=3,
+)
+
+
+class RouterHarness:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        config = RouterConfig.from_mapping(
+            {"endpoints": [{"url": "http://engine"}], "max_body_bytes": 4096, "kv_events": "off"}
+        )
+        # The router's upstream traffic goes to the stub engine, in-process.
+        upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=ENGINE))
+        self.app = create_router_app(config, http_client=upstream)
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        self.loop.run_until_complete(self._lifespan.__aenter__())
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://router"
+        )
+        self.loop.run_until_complete(self._until_ready())
+
+    async def _until_ready(self) -> None:
+        for _ in range(200):
+            if (await self.client.get("/v1/models")).json()["data"]:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("router never saw the stub engine")
+
+    def post(self, path: str, body: bytes, hdrs: dict[str, str]) -> httpx.Response:
+        return self.loop.run_until_complete(self.client.post(path, content=body, headers=hdrs))
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.client.aclose())
+        self.loop.run_until_complete(self._lifespan.__aexit__(None, None, None))
+        self.loop.close()
+
+
+HARNESS: dict[str, Any] = {}
+
+
+def _harness() -> RouterHarness:
+    if "h" not in HARNESS:
+        HARNESS["h"] = RouterHarness()
+    return HARNESS["h"]  # type: ignore[no-any-return]
+
+
+def teardown_module() -> None:
+    if "h" in HARNESS:
+        HARNESS.pop("h").close()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=bodies, hdrs=headers, path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+def test_fuzzed_requests_never_500(body: bytes, hdrs: dict[str, str], path: str) -> None:
+    h = _harness()
+    resp = h.post(path, body, hdrs)
+    assert resp.status_code < 500 or resp.status_code == 503, (resp.status_code, resp.text)
+    if resp.status_code >= 400:
+        error = resp.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+    # The router is still alive and serving.
+    ok = h.post(path.replace("chat/", ""), b'{"model":"tiny","prompt":"hi"}', {})
+    assert ok.status_code == 200, ok.text
+
+
+def test_build_components_is_side_effect_free() -> None:
+    a = build_components(RouterConfig())
+    b = build_components(RouterConfig())
+    assert a.metrics.registry is not b.metrics.registry

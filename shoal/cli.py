@@ -46,6 +46,33 @@ def build_parser() -> argparse.ArgumentParser:
         description="Route OpenAI requests to the engine where they finish soonest.",
     )
     add_router_arguments(router)
+
+    from shoal.local import add_up_arguments
+
+    up = sub.add_parser(
+        "up",
+        help="start the engines a Model describes plus the router, locally (no cluster)",
+        description="Run a Model locally: simulated engines per pool and the Shoal router.",
+    )
+    add_up_arguments(up)
+
+    from shoal.bench.cli import add_bench_arguments
+
+    bench = sub.add_parser(
+        "bench",
+        help="replay a workload open-loop against any OpenAI endpoint and report latencies",
+        description="Open-loop load generator for OpenAI-compatible endpoints.",
+    )
+    add_bench_arguments(bench)
+
+    from shoal.demo import add_demo_arguments
+
+    demo = sub.add_parser(
+        "demo",
+        help="start a local fleet and compare round-robin with Shoal's best strategy",
+        description="A one-command demonstration of cache-aware routing on a local fleet.",
+    )
+    add_demo_arguments(demo)
     return parser
 
 
@@ -74,6 +101,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from shoal.sim.simulate_cli import run_simulate
 
         return int(run_simulate(args))
+    if args.command == "up":
+        from shoal.local import run_up
+
+        return int(run_up(args))
+    if args.command == "bench":
+        from shoal.bench.cli import run_bench
+
+        return int(run_bench(args))
+    if args.command == "demo":
+        from shoal.demo import run_demo
+
+        return int(run_demo(args))
     if args.command == "router":
         from shoal.router.cli import run_router
 

@@ -96,7 +96,7 @@ async def _complete(client: httpx.AsyncClient, url: str, tokens: list[int]) -> N
     assert r.status_code == 200, r.text
 
 
-async def _until(cond: Callable[[], bool], within_s: float = 10.0) -> None:
+async def _until(cond: Callable[[], bool], within_s: float = 30.0) -> None:
     deadline = asyncio.get_running_loop().time() + within_s
     while not cond():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"

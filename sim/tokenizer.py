@@ -30,6 +30,8 @@ _W_WORD = re.compile(r"w(\d+)")
 
 # Bounded: the reverse map only serves /detokenize and stop strings of prompt words.
 _REVERSE_CACHE_SIZE = 65536
+# Bounded: once full, new words are hashed each time (still correct, just slower).
+_ENCODE_CACHE_SIZE = 262144
 
 
 class SimTokenizer:
@@ -44,6 +46,9 @@ class SimTokenizer:
         self._reverse: OrderedDict[int, str] = OrderedDict()
         # Generated tokens are detokenized once per token per stream; cache their text.
         self._piece_cache: dict[int, str] = {}
+        # Prompt pieces (as written, specials included) -> id. Routers tokenize every prompt, and
+        # long prompts repeat the same words: a dict hit is ~10x cheaper than the regex and hash.
+        self._encode_cache: dict[str, int] = dict(_SPECIALS)
 
     def _word_id(self, word: str) -> int:
         m = _W_WORD.fullmatch(word)
@@ -60,10 +65,19 @@ class SimTokenizer:
         return tid
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = [BOS] if add_special_tokens else []
-        for piece in _PIECE.findall(text):
-            special = _SPECIALS.get(piece)
-            ids.append(special if special is not None else self._word_id(piece.lower()))
+        pieces = _PIECE.findall(text)
+        cache = self._encode_cache
+        ids = [cache.get(piece, -1) for piece in pieces]
+        if -1 in ids:
+            for i, tid in enumerate(ids):
+                if tid == -1:
+                    piece = pieces[i]
+                    tid = self._word_id(piece.lower())
+                    ids[i] = tid
+                    if len(cache) < _ENCODE_CACHE_SIZE:
+                        cache[piece] = tid
+        if add_special_tokens:
+            ids.insert(0, BOS)
         return ids
 
     def token_str(self, tid: int) -> str:

@@ -33,6 +33,7 @@ from shoal.router.scraper import ScraperPool
 from shoal.router.shared_state import SharedState
 from shoal.router.strategies import ModelRouting, PipelineSet
 from shoal.router.types import Endpoint
+from shoal.router.upstream import HttpxUpstream, PooledUpstream, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +153,24 @@ def build_components(
         if config.redis_url
         else None
     )
+    # Scrapes go through httpx (a few per second); requests through the lean pooled client,
+    # unless a test hands in its own httpx client (for example over an ASGI transport).
+    upstream: Upstream = (
+        HttpxUpstream(http_client)
+        if http_client is not None
+        else PooledUpstream(
+            connect_timeout_s=config.connect_timeout_s,
+            read_timeout_s=config.read_timeout_s,
+            max_idle_per_endpoint=config.max_connections,
+        )
+    )
     gateway = Gateway(
         config,
         store,
         pipelines,
         admission,
         metrics,
-        client,
+        upstream,
         tokenizers=tokenizers,
         approx_index=approx_index,
         kv_index=kv_index,
@@ -254,6 +266,7 @@ def create_router_app(
             if components.shared is not None:
                 await components.shared.forget()
                 await components.shared.close()
+            await components.gateway.upstream.aclose()
             await components.client.aclose()
 
     app = Starlette(

@@ -26,7 +26,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import httpx
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -41,6 +40,7 @@ from shoal.router.prefix_index import ApproxPrefixIndex
 from shoal.router.shared_state import SharedState
 from shoal.router.strategies import PipelineSet, check_strategy
 from shoal.router.types import EndpointState, Priority, RoutingRequest
+from shoal.router.upstream import Upstream, UpstreamError, UpstreamResponse, header
 from shoal.sim.catalog import get_model
 from shoal.sim.tokenizer import SimTokenizer
 
@@ -255,7 +255,7 @@ class Gateway:
         pipelines: PipelineSet,
         admission: AdmissionController,
         metrics: RouterMetrics,
-        client: httpx.AsyncClient,
+        upstream: Upstream,
         *,
         tokenizers: TokenizerProvider | None = None,
         approx_index: ApproxPrefixIndex | None = None,
@@ -268,7 +268,7 @@ class Gateway:
         self.pipelines = pipelines
         self.admission = admission
         self.metrics = metrics
-        self.client = client
+        self.upstream = upstream
         self.tokenizers = tokenizers or SimTokenizers()
         self.approx_index = approx_index
         self.kv_index = kv_index
@@ -505,13 +505,10 @@ class Gateway:
             if self.shared is not None:
                 self.shared.record(rreq.block_hashes, url)
             self.store.begin(url, cost)
-            upstream_request = self.client.build_request(
-                "POST", url + path, content=raw, headers=headers
-            )
             try:
-                upstream = await self.client.send(upstream_request, stream=True)
-            except httpx.TransportError as exc:
-                last_failure = f"{type(exc).__name__}"
+                upstream = await self.upstream.post(url, path, raw, headers)
+            except UpstreamError as exc:
+                last_failure = str(exc)
                 self._failed(url, base, cost)
                 excluded.add(url)
                 continue
@@ -525,7 +522,7 @@ class Gateway:
                 excluded.add(url)
                 continue
             self.store.record_success(url)
-            return UpstreamResponse(
+            return PassthroughResponse(
                 upstream,
                 url,
                 on_done=self._finisher(rreq, parsed, identity, url, cost, started),
@@ -600,7 +597,7 @@ class StreamOutcome:
     finished: bool = False  # the last byte was handed to the server
 
 
-class UpstreamResponse(Response):
+class PassthroughResponse(Response):
     """Sends the engine's response to the client chunk by chunk as it arrives.
 
     Watches the client connection while streaming: on disconnect the send loop is cancelled
@@ -611,7 +608,7 @@ class UpstreamResponse(Response):
 
     def __init__(
         self,
-        upstream: httpx.Response,
+        upstream: UpstreamResponse,
         endpoint_url: str,
         on_done: Callable[[StreamOutcome], None],
         clock: Callable[[], float] = time.monotonic,
@@ -622,10 +619,9 @@ class UpstreamResponse(Response):
         self._on_done = on_done
         self._clock = clock
         self.background = None
-        raw = [(k.lower(), v) for k, v in upstream.headers.raw]
-        self.raw_headers = [(k, v) for k, v in raw if k not in _DROP_RESPONSE_HEADERS]
+        self.raw_headers = [(k, v) for k, v in upstream.headers if k not in _DROP_RESPONSE_HEADERS]
         self.raw_headers.append((ENDPOINT_HEADER.encode(), endpoint_url.encode()))
-        self._streaming = "text/event-stream" in upstream.headers.get("content-type", "")
+        self._streaming = b"text/event-stream" in (header(upstream, b"content-type") or b"")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         outcome = StreamOutcome(status=self.status_code)
@@ -677,7 +673,7 @@ class UpstreamResponse(Response):
                     events += chunk.count(b"data: ")
                 tail = (tail + chunk)[-_TAIL_BYTES:]
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             # The engine failed mid-response: nothing to retry (bytes already went out); end
             # the response so the client sees a truncated body rather than a hang.
             outcome.upstream_error = True

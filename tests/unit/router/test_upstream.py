@@ -1,0 +1,146 @@
+"""The pooled upstream client against small real TCP servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from shoal.router.upstream import PooledUpstream, UpstreamError, header
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + await reader.readexactly(length)
+
+
+async def _serve(handler: Handler) -> tuple[asyncio.Server, str]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
+
+
+def test_content_length_and_keep_alive_reuse() -> None:
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while True:
+                request = await _read_request(reader)
+                body = b'{"echo":' + str(len(request)).encode() + b"}"
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def run() -> None:
+        server, url = await _serve(handler)
+        pool = PooledUpstream()
+        try:
+            for _ in range(3):
+                resp = await pool.post(
+                    url, "/v1/x", b'{"a":1}', {"content-type": "application/json"}
+                )
+                assert resp.status_code == 200
+                assert header(resp, b"content-type") == b"application/json"
+                body = b"".join([c async for c in resp.aiter_raw()])
+                assert body.startswith(b'{"echo":')
+            assert connections == 1  # one connection, reused
+        finally:
+            await pool.aclose()
+            server.close()
+
+    asyncio.run(run())
+
+
+def test_chunked_stream_arrives_in_pieces() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        for i in range(3):
+            event = f"data: {i}\n\n".encode()
+            writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async def run() -> None:
+        server, url = await _serve(handler)
+        pool = PooledUpstream()
+        try:
+            resp = await pool.post(url, "/s", b"{}", {})
+            chunks = [c async for c in resp.aiter_raw()]
+            assert b"".join(chunks) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+            assert len(chunks) >= 2  # streamed, not buffered to the end
+        finally:
+            await pool.aclose()
+            server.close()
+
+    asyncio.run(run())
+
+
+def test_stale_pooled_connection_is_replaced_transparently() -> None:
+    served = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        await _read_request(reader)
+        served += 1
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()  # closes every connection after one response, keep-alive or not
+
+    async def run() -> None:
+        server, url = await _serve(handler)
+        pool = PooledUpstream()
+        try:
+            for _ in range(3):
+                resp = await pool.post(url, "/", b"{}", {})
+                assert b"".join([c async for c in resp.aiter_raw()]) == b"ok"
+            assert served == 3
+        finally:
+            await pool.aclose()
+            server.close()
+
+    asyncio.run(run())
+
+
+def test_connection_refused_and_truncated_response_raise_upstream_error() -> None:
+    async def truncating(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly-this")
+        await writer.drain()
+        writer.close()
+
+    async def run() -> None:
+        pool = PooledUpstream(connect_timeout_s=1)
+        server, url = await _serve(truncating)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            resp = await pool.post(url, "/", b"{}", {})
+            with pytest.raises(UpstreamError, match="mid-response"):
+                _ = [c async for c in resp.aiter_raw()]
+        finally:
+            server.close()
+            await server.wait_closed()
+        with pytest.raises(UpstreamError, match="cannot connect"):
+            await pool.post(f"http://127.0.0.1:{port}", "/", b"{}", {})
+        await pool.aclose()
+
+    asyncio.run(run())

@@ -468,9 +468,11 @@ class Gateway:
                 ) from None
             self.metrics.queue_wait.labels(base).observe(ticket.queued_s)
             try:
-                return await self._dispatch(request, raw, path, rreq, parsed, identity, started)
+                return await self._dispatch(
+                    request, raw, path, rreq, parsed, identity, started, ticket.dispatched
+                )
             finally:
-                ticket.dispatched()
+                ticket.dispatched()  # no-op when _dispatch already handed off
         except ApiError as err:
             return err.response()
 
@@ -483,6 +485,7 @@ class Gateway:
         parsed: ParsedBody,
         identity: Identity,
         started: float,
+        on_in_flight: Callable[[], None],
     ) -> Response:
         base = rreq.base_model
         pipeline = self.pipelines.for_model(base, rreq.strategy)
@@ -505,6 +508,10 @@ class Gateway:
             if self.shared is not None:
                 self.shared.record(rreq.block_hashes, url)
             self.store.begin(url, cost)
+            # The request now counts in the endpoint's in-flight load, which is what admission's
+            # capacity check reads: let the next waiter go. Waiting for the engine's response
+            # headers instead would drain the queue one whole (non-streamed) response at a time.
+            on_in_flight()
             try:
                 upstream = await self.upstream.post(url, path, raw, headers)
             except UpstreamError as exc:

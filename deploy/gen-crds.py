@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""Write the Helm chart's CRDs from the typed API models (``shoal.api.crd``).
+
+    .venv/bin/python deploy/gen-crds.py          # (re)write charts/shoal/crds/models.shoal.dev.yaml
+    .venv/bin/python deploy/gen-crds.py --check  # exit 1 if the checked-in file is stale
+
+The output is checked in; ``tests/unit/test_crd.py`` fails when it drifts from the models. kopf's
+peering CRDs (``crds/kopf-peering.yaml``) are kopf's own and are not generated here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from shoal.api.crd import MODEL_CRD_FILE, model_crd, render_yaml
+
+CRDS_DIR = Path(__file__).resolve().parents[1] / "charts" / "shoal" / "crds"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="compare instead of writing")
+    parser.add_argument("--out-dir", type=Path, default=CRDS_DIR, help="default: the chart's crds/")
+    args = parser.parse_args()
+    target = args.out_dir / MODEL_CRD_FILE
+    text = render_yaml(model_crd())
+    if args.check:
+        current = target.read_text() if target.exists() else ""
+        if current != text:
+            print(f"{target} is stale: run deploy/gen-crds.py", file=sys.stderr)
+            return 1
+        print(f"{target} is up to date")
+        return 0
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

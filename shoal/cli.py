@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_router_arguments(router)
 
+    from shoal.operator.cli import add_operator_arguments
+
+    operator = sub.add_parser(
+        "operator",
+        help="run the Kubernetes operator that turns Model resources into engine Deployments",
+        description="Reconcile shoal.dev Models into Deployments per GPU pool and a Service.",
+    )
+    add_operator_arguments(operator)
+
     from shoal.local import add_up_arguments
 
     up = sub.add_parser(
@@ -113,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from shoal.demo import run_demo
 
         return int(run_demo(args))
+    if args.command == "operator":
+        from shoal.operator.cli import run_operator
+
+        return int(run_operator(args))
     if args.command == "router":
         from shoal.router.cli import run_router
 

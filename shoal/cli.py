@@ -96,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every request at INFO: the router's scrapes and the demo's would drown the output.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.command == "sim":
         from shoal.sim.serve import run_sim
 

@@ -26,53 +26,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import fleet
 from report import command_line, machine_facts, update_section
 
 from shoal.bench import workloads as wl
 from shoal.bench.client import run_open_loop
 from shoal.bench.peers import RouterUnderTest, ensure_peers, router_process
 from shoal.bench.report import Summary, summarize
-from shoal.local import HOST, ManagedProcess, free_port, shoal_executable
+from shoal.local import ManagedProcess, free_port
 
 MODEL = "tiny"
 
 
 def start_engines(n: int, log_dir: Path) -> tuple[list[ManagedProcess], list[str]]:
-    engines, kv = [], []
-    for i in range(n):
-        port, kv_port = free_port(), free_port()
-        kv_ep = f"tcp://{HOST}:{kv_port}"
-        cfg = (
-            '{"enable_kv_cache_events": true, "publisher": "zmq", '
-            f'"endpoint": "{kv_ep}", "topic": "kv"}}'
-        )
-        argv = [
-            *shoal_executable(),
-            "--log-level",
-            "WARNING",
-            "sim",
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--model",
-            MODEL,
-            "--served-model-name",
-            MODEL,
-            "--max-num-seqs",
-            "1024",
-            "--kv-events-config",
-            cfg,
-        ]
-        p = ManagedProcess(
-            f"engine-{i}", argv, log_dir / f"engine-{i}.log", url=f"http://{HOST}:{port}"
-        )
-        p.start()
-        engines.append(p)
-        kv.append(kv_ep)
-    for p in engines:
-        p.wait_healthy()
-    return engines, kv
+    """Engines with sub-millisecond steps, so the router's own cost shows."""
+    return fleet.start_engines(
+        n, log_dir, model=MODEL, served_name=MODEL, extra_args=("--max-num-seqs", "1024")
+    )
 
 
 async def measure(urls: str | Sequence[str], rate: float, duration_s: float, seed: int) -> Summary:

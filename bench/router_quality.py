@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import fleet
 from report import command_line, machine_facts, update_section
 
 from shoal.bench import workloads as wl
@@ -35,7 +36,7 @@ from shoal.bench.client import RunResult, run_open_loop
 from shoal.bench.peers import RouterUnderTest, ensure_peers, router_process
 from shoal.bench.report import Summary, summarize
 from shoal.demo import cache_counters
-from shoal.local import HOST, ManagedProcess, free_port, shoal_executable
+from shoal.local import ManagedProcess, free_port
 
 MODEL = "llama-8b"
 CONFIGS = (
@@ -47,45 +48,16 @@ CONFIGS = (
 def start_engines(
     n: int, log_dir: Path, time_scale: float
 ) -> tuple[list[ManagedProcess], list[str]]:
-    engines, kv = [], []
-    for i in range(n):
-        port, kv_port = free_port(), free_port()
-        kv_ep = f"tcp://{HOST}:{kv_port}"
-        cfg = (
-            '{"enable_kv_cache_events": true, "publisher": "zmq", '
-            f'"endpoint": "{kv_ep}", "topic": "kv"}}'
-        )
-        argv = [
-            *shoal_executable(),
-            "--log-level",
-            "WARNING",
-            "sim",
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--model",
-            "meta-llama/Llama-3.1-8B-Instruct",
-            "--served-model-name",
-            MODEL,
-            "--gpu",
-            "H100",
-            "--seed",
-            str(i),
-            "--time-scale",
-            str(time_scale),
-            "--kv-events-config",
-            cfg,
-        ]
-        p = ManagedProcess(
-            f"engine-{i}", argv, log_dir / f"engine-{i}.log", url=f"http://{HOST}:{port}"
-        )
-        p.start()
-        engines.append(p)
-        kv.append(kv_ep)
-    for p in engines:
-        p.wait_healthy(timeout_s=120)
-    return engines, kv
+    """Llama-3.1-8B on H100, each engine seeded differently, slowed by ``time_scale``."""
+    return fleet.start_engines(
+        n,
+        log_dir,
+        model="meta-llama/Llama-3.1-8B-Instruct",
+        served_name=MODEL,
+        extra_args=("--gpu", "H100", "--time-scale", str(time_scale)),
+        per_engine_args=[("--seed", str(i)) for i in range(n)],
+        ready_timeout_s=120,
+    )
 
 
 def workload(rate: float, n: int, seed: int = 0) -> list[wl.BenchRequest]:

@@ -154,6 +154,7 @@ async def _serve(args: argparse.Namespace, namespaces: list[str], priority: int)
             peering_priority=priority,
             peering_lifetime_s=args.peering_lifetime,
             metrics=metrics,
+            cluster_scanning=bool(args.all_namespaces),
         )
     )
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None

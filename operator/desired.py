@@ -313,7 +313,8 @@ def model_service(model: ModelResource, uid: str) -> dict[str, Any]:
         "metadata": {
             "name": name,
             "namespace": model.metadata.namespace,
-            "labels": {MODEL_LABEL: name, MANAGED_BY_LABEL: MANAGED_BY},
+            # The slices inherit these labels; the router selects engines by the component.
+            "labels": {MODEL_LABEL: name, COMPONENT_LABEL: "engine", MANAGED_BY_LABEL: MANAGED_BY},
             "annotations": {KV_EVENTS_PORT_ANNOTATION: str(KV_EVENTS_PORT)},
             "ownerReferences": [owner_reference(name, uid)],
         },

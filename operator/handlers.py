@@ -53,6 +53,9 @@ class OperatorOptions:
     peering_priority: int = 0
     peering_lifetime_s: int = 60
     metrics: OperatorMetrics | None = None
+    # Watching named namespaces: do not scan CRDs and namespaces cluster-wide, which the chart's
+    # namespaced RBAC forbids (kopf would retry for about a minute before acting).
+    cluster_scanning: bool = True
 
 
 @dataclass
@@ -348,6 +351,7 @@ def build_registry(options: OperatorOptions | None = None) -> kopf.OperatorRegis
         settings.peering.priority = opts.peering_priority
         settings.peering.lifetime = opts.peering_lifetime_s
         settings.peering.stealth = True
+        settings.scanning.disabled = not opts.cluster_scanning
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         await load_kubernetes_config()

@@ -12,7 +12,9 @@ routing decision. Selection is by label on the slices: ``kubernetes.io/service-n
 the EndpointSlice controller for a Service's slices) or ``shoal.dev/model=<name>`` (set by Shoal's
 operator). Readiness is respected: an endpoint whose ``conditions.ready`` is false, or which is
 terminating, is left out; ``ready`` absent means unknown, which the API says to treat as ready.
-The slice's ``shoal.dev/model`` label names the model its pods serve; the
+The slice's ``shoal.dev/model`` label names the ``Model`` *resource*, not the name its engines
+serve (``spec.model.servedName``, which may not even be a valid label value, e.g. ``org/name``), so
+served names come from each engine's ``/v1/models`` (the scraper); the
 ``shoal.dev/kv-events-port`` annotation, when present, says where each pod publishes KV events.
 :func:`endpoints_from_slice` is the pure translation (unit-tested); :class:`KubernetesDiscovery`
 lists, then watches, with the real ``kubernetes_asyncio`` client, relisting after any watch error
@@ -108,8 +110,8 @@ def endpoints_from_slice(
         return []
     labels = _get(slice_obj, "metadata", "labels") or {}
     annotations = _get(slice_obj, "metadata", "annotations") or {}
-    model = labels.get(MODEL_LABEL) if isinstance(labels, Mapping) else None
-    models = (str(model),) if model else ()
+    # Served model names are learned from the engines (see the module docstring).
+    models: tuple[str, ...] = ()
     kv_port = (
         annotations.get(KV_EVENTS_PORT_ANNOTATION) if isinstance(annotations, Mapping) else None
     )

@@ -14,10 +14,19 @@ Handlers (the extension point):
   SGLang's ``python -m sglang.launch_server ...``, or ``shoal sim ...``) and runs ``shoal sim`` with
   those arguments on the pod's IP and port, with the GPU type from the node's
   ``nvidia.com/gpu.product`` label.
-* Shoal's own pods (operator, router, autoscaler from the Helm chart) are the next handler: add a
-  class with ``matches``/``launch`` that runs the container's command/args/env as a process at the
-  pod IP with a kubeconfig holding a token requested for the pod's service account
-  (``CoreV1Api.create_namespaced_service_account_token``), and append it to ``HANDLERS``.
+* :class:`ShoalPodHandler` claims Shoal's own pods from the Helm chart (``shoal.dev/component``, or
+  ``app.kubernetes.io/component`` of an ``app.kubernetes.io/part-of=shoal`` pod, in
+  operator/router/autoscaler): it runs the container's command and args (the image's entry point,
+  ``shoal``, is the repo's ``.venv/bin/shoal``) with the container's env (downward-API fields
+  expanded), the pod's configMap, secret and emptyDir volumes materialised in a per-pod directory
+  (mount paths in args/env rewritten to it), and a kubeconfig holding a token requested with the
+  TokenRequest API for the pod's service account (``create_namespaced_service_account_token``,
+  bound to the pod), so the chart's RBAC applies. The process does not inherit the runner's admin
+  kubeconfig. Wildcard binds (``0.0.0.0``) are confined to the pod IP (``--host`` rewritten; a
+  ``sitecustomize`` shim for the rest, e.g. kopf's liveness endpoint), since all pods share one
+  network namespace.
+
+A handler's ``launch`` may be a coroutine (the Shoal pod handler calls the API server).
 
 Runs inside the cluster's network namespace (``deploy/local-cluster/up`` starts it; or
 ``deploy/local-cluster/exec python deploy/local-cluster/pod_runner.py``). Logs: one file per pod
@@ -29,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -38,6 +49,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -62,6 +74,10 @@ class Launch:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     describe: str = ""
+    # Shoal's own pods: run with only ``env`` (plus PATH/HOME/locale), not the runner's environment
+    # (which holds the admin KUBECONFIG), in their own working directory.
+    isolated_env: bool = False
+    cwd: str | None = None
 
 
 class Handler(Protocol):
@@ -69,7 +85,7 @@ class Handler(Protocol):
 
     def matches(self, pod: Pod) -> bool: ...
 
-    def launch(self, pod: Pod, node: Node | None) -> Launch: ...
+    def launch(self, pod: Pod, node: Node | None) -> Launch | Awaitable[Launch]: ...
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,6 +271,267 @@ class EngineHandler:
 
 
 # --------------------------------------------------------------------------------------------------
+# Shoal's own pods (operator, router, autoscaler) -> the container's command as a process
+
+SHOAL_COMPONENTS = ("operator", "router", "autoscaler")
+_BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM")
+TOKEN_EXPIRATION_S = 24 * 3600  # the API server caps it at its maximum
+
+# Imported at start-up by every Python process of a Shoal pod (PYTHONPATH): a bind to the wildcard
+# address (0.0.0.0 / "") binds the pod IP instead. Pods share one network namespace here, so two
+# replicas binding 0.0.0.0:8081 would collide; in a real pod each has its own.
+SITECUSTOMIZE = """\
+import os as _os
+import socket as _socket
+
+_ip = _os.environ.get("SHOAL_POD_BIND_IP")
+if _ip:
+    _bind = _socket.socket.bind
+
+    def _pod_bind(self, address):
+        if (
+            self.family == _socket.AF_INET
+            and isinstance(address, tuple)
+            and address[0] in ("", "0.0.0.0")
+        ):
+            address = (_ip, *address[1:])
+        return _bind(self, address)
+
+    _socket.socket.bind = _pod_bind
+"""
+
+_WILDCARD = ("0.0.0.0", "", "::", "[::]")
+
+
+def _component(pod: Pod) -> str | None:
+    labels = pod.get("metadata", {}).get("labels") or {}
+    comp = labels.get(ENGINE_LABEL)
+    if comp in SHOAL_COMPONENTS:
+        return str(comp)
+    comp = labels.get("app.kubernetes.io/component")
+    shoal = labels.get("app.kubernetes.io/part-of") == "shoal" or (
+        labels.get("app.kubernetes.io/name") == "shoal"
+    )
+    return str(comp) if shoal and comp in SHOAL_COMPONENTS else None
+
+
+def _rewrite_paths(text: str, mounts: list[tuple[str, str]]) -> str:
+    """Replace container mount paths with their local directories, in one pass (a local directory
+    may itself lie under a mount path, e.g. ``/tmp``); the longest mount path wins."""
+    if not mounts:
+        return text
+    local = {m.rstrip("/") or "/": d for m, d in mounts}
+    alts = "|".join(re.escape(m) for m in sorted(local, key=len, reverse=True))
+    pat = r"(?<![\w./-])(" + alts + r")(?=/|$|[^\w.-])"
+    return re.sub(pat, lambda m: local[m.group(1)], text)
+
+
+def _rebind_host(args: list[str], ip: str) -> tuple[list[str], bool]:
+    """``--host 0.0.0.0`` / ``--host=0.0.0.0`` -> the pod IP; whether a ``--host`` was given."""
+    out, seen = list(args), False
+    for i, a in enumerate(out):
+        if a == "--host" and i + 1 < len(out):
+            seen = True
+            if out[i + 1] in _WILDCARD:
+                out[i + 1] = ip
+        elif a.startswith("--host="):
+            seen = True
+            if a.split("=", 1)[1] in _WILDCARD:
+                out[i] = f"--host={ip}"
+    return out, seen
+
+
+class ShoalPodHandler:
+    """Shoal's own pods from the Helm chart: the container's command/args/env, as the pod's
+    service account, at the pod IP."""
+
+    name = "shoal"
+
+    def __init__(self, shoal: list[str], state_dir: Path, kubeconfig: str | None) -> None:
+        self.shoal = shoal
+        self.state = state_dir
+        self.admin_kubeconfig = kubeconfig
+        self._api_client: client.ApiClient | None = None
+
+    def matches(self, pod: Pod) -> bool:
+        return _component(pod) is not None
+
+    async def close(self) -> None:
+        if self._api_client is not None:
+            await self._api_client.close()
+            self._api_client = None
+
+    def _core(self) -> client.CoreV1Api:
+        if self._api_client is None:
+            self._api_client = client.ApiClient()
+        return client.CoreV1Api(self._api_client)
+
+    # -- the API server side --
+
+    def _cluster(self) -> dict[str, Any]:
+        """Server and CA of the runner's kubeconfig (the pods reach the same API server)."""
+        import yaml
+
+        path = self.admin_kubeconfig or os.environ.get("KUBECONFIG") or ""
+        cfg = yaml.safe_load(Path(path).read_text())
+        ctx_name = cfg.get("current-context")
+        ctxs = {c["name"]: c["context"] for c in cfg.get("contexts") or []}
+        clusters = {c["name"]: c["cluster"] for c in cfg.get("clusters") or []}
+        ctx = ctxs.get(ctx_name) or next(iter(ctxs.values()))
+        cluster = dict(clusters[ctx["cluster"]])
+        ca = cluster.pop("certificate-authority", None)
+        if ca and "certificate-authority-data" not in cluster:
+            ca_path = Path(ca) if Path(ca).is_absolute() else Path(path).parent / ca
+            cluster["certificate-authority-data"] = base64.b64encode(ca_path.read_bytes()).decode()
+        return cluster
+
+    async def _token(self, pod: Pod, sa: str) -> str:
+        meta = pod["metadata"]
+        body = client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(
+                audiences=[],  # the API server's own
+                expiration_seconds=TOKEN_EXPIRATION_S,
+                bound_object_ref=client.V1BoundObjectReference(
+                    api_version="v1", kind="Pod", name=meta["name"], uid=meta["uid"]
+                ),
+            )
+        )
+        resp = await self._core().create_namespaced_service_account_token(
+            sa, meta["namespace"], body
+        )
+        return str(resp.status.token)
+
+    async def _volumes(self, pod: Pod, root: Path) -> dict[str, Path]:
+        """Materialise the pod's configMap, secret and emptyDir volumes under ``root``."""
+        ns = pod["metadata"]["namespace"]
+        out: dict[str, Path] = {}
+        for vol in pod.get("spec", {}).get("volumes") or []:
+            name = vol["name"]
+            d = root / "volumes" / name
+            data: dict[str, bytes] | None = None
+            items = None
+            if "configMap" in vol:
+                src = vol["configMap"]
+                try:
+                    cm = await self._core().read_namespaced_config_map(src["name"], ns)
+                except ApiException as exc:
+                    if exc.status == 404 and src.get("optional"):
+                        cm = None
+                    else:
+                        raise
+                data = {k: v.encode() for k, v in ((cm.data if cm else None) or {}).items()}
+                for k, v in ((cm.binary_data if cm else None) or {}).items():
+                    data[k] = base64.b64decode(v)
+                items = src.get("items")
+            elif "secret" in vol:
+                src = vol["secret"]
+                try:
+                    sec = await self._core().read_namespaced_secret(src["secretName"], ns)
+                except ApiException as exc:
+                    if exc.status == 404 and src.get("optional"):
+                        sec = None
+                    else:
+                        raise
+                raw = (sec.data if sec else None) or {}
+                data = {k: base64.b64decode(v) for k, v in raw.items()}
+                items = src.get("items")
+            elif "emptyDir" in vol:
+                d.mkdir(parents=True, exist_ok=True)
+                out[name] = d
+                continue
+            else:
+                continue  # hostPath, projected, ...: not materialised
+            d.mkdir(parents=True, exist_ok=True)
+            files = (
+                {it["path"]: data[it["key"]] for it in items if it["key"] in data}
+                if items
+                else data
+            )
+            for rel, content in files.items():
+                f = d / rel
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.write_bytes(content)
+            out[name] = d
+        return out
+
+    async def launch(self, pod: Pod, node: Node | None) -> Launch:
+        meta, spec = pod["metadata"], pod.get("spec") or {}
+        ns, name, ip = meta["namespace"], meta["name"], pod["status"]["podIP"]
+        comp = _component(pod) or "shoal"
+        c = _pick_container(pod, (comp, "shoal"))
+        root = self.state / "pods" / f"{ns}_{name}"
+        root.mkdir(parents=True, exist_ok=True)
+
+        # volumes and where the container sees them
+        vols = await self._volumes(pod, root)
+        mounts: list[tuple[str, str]] = []
+        for vm in c.get("volumeMounts") or []:
+            local = vols.get(vm["name"])
+            if local is None:
+                continue
+            if vm.get("subPath"):
+                local = local / vm["subPath"]
+            mounts.append((vm["mountPath"], str(local)))
+        mounts.sort(key=lambda m: len(m[0]), reverse=True)
+
+        env = {k: _rewrite_paths(v, mounts) for k, v in container_env(pod, c).items()}
+        tokens = [expand(str(t), env) for t in (c.get("command") or []) + (c.get("args") or [])]
+        if not c.get("command"):  # the image's entry point is the shoal CLI
+            tokens = ["shoal", *tokens]
+        tokens = [_rewrite_paths(t, mounts) for t in tokens]
+        exe = os.path.basename(tokens[0])
+        if exe == "shoal":
+            argv = [*self.shoal, *tokens[1:]]
+        elif exe in ("python", "python3"):
+            argv = [sys.executable, *tokens[1:]]
+        else:
+            argv = tokens
+        argv, has_host = _rebind_host(argv, ip)
+        if not has_host and comp == "router":
+            argv += ["--host", ip]
+
+        # credentials: a token for the pod's service account, bound to the pod
+        sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+        kubeconfig = root / "kubeconfig"
+        if spec.get("automountServiceAccountToken") is False:
+            kubeconfig.unlink(missing_ok=True)
+            env.pop("KUBECONFIG", None)
+        else:
+            token = await self._token(pod, sa)
+            user = f"system:serviceaccount:{ns}:{sa}"
+            cfg = {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "local", "cluster": self._cluster()}],
+                "users": [{"name": user, "user": {"token": token}}],
+                "contexts": [
+                    {"name": "pod", "context": {"cluster": "local", "user": user, "namespace": ns}}
+                ],
+                "current-context": "pod",
+            }
+            kubeconfig.write_text(json.dumps(cfg, indent=1))
+            kubeconfig.chmod(0o600)
+            env["KUBECONFIG"] = str(kubeconfig)
+
+        shim = self.state / "pods" / "_shim"
+        shim.mkdir(parents=True, exist_ok=True)
+        (shim / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        env.setdefault("HOSTNAME", name)
+        env["SHOAL_POD_BIND_IP"] = ip
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), env.get("PYTHONPATH")) if p)
+        for mount, local_dir in mounts:
+            if mount.rstrip("/") == "/tmp":
+                env.setdefault("TMPDIR", local_dir)
+        return Launch(
+            argv,
+            env,
+            f"{comp} on {ip} as serviceaccount {ns}/{sa}",
+            isolated_env=True,
+            cwd=str(root),
+        )
+
+
+# --------------------------------------------------------------------------------------------------
 # Supervision
 
 
@@ -300,6 +577,7 @@ class PodRunner:
         (state_dir / "pids" / "sims").mkdir(parents=True, exist_ok=True)
         self.api: client.CoreV1Api | None = None
         self.api_client: client.ApiClient | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
 
     # -- Kubernetes side --
 
@@ -326,6 +604,11 @@ class PodRunner:
             await asyncio.gather(self._watch_loop(), self._resync_loop())
         finally:
             await self.stop_all()
+            for h in self.handlers:
+                closer = getattr(h, "close", None)
+                if closer is not None:
+                    with contextlib.suppress(Exception):
+                        await closer()
             await self.api_client.close()
 
     async def _list(self) -> str:
@@ -393,6 +676,14 @@ class PodRunner:
         return status.get("phase") == "Running" and bool(status.get("podIP"))
 
     async def sync(self, uid: str) -> None:
+        # one sync per pod at a time: starting a pod may await the API server (tokens, configMaps)
+        lock = self._locks.setdefault(uid, asyncio.Lock())
+        async with lock:
+            await self._sync(uid)
+        if uid not in self.pods and uid not in self.running and not lock.locked():
+            self._locks.pop(uid, None)
+
+    async def _sync(self, uid: str) -> None:
         pod = self.pods.get(uid)
         managed = self.running.get(uid)
         want = self._wanted(pod) and pod is not None and self._handler(pod) is not None
@@ -410,7 +701,8 @@ class PodRunner:
         ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
         node = await self._node(pod.get("spec", {}).get("nodeName"))
         try:
-            launch = handler.launch(pod, node)
+            launched = handler.launch(pod, node)
+            launch = await launched if inspect.isawaitable(launched) else launched
         except Exception as exc:
             log.error("%s/%s: cannot build a command: %s", ns, name, exc)
             return
@@ -430,13 +722,19 @@ class PodRunner:
         while not m.stopping:
             with _open_log(m) as out:
                 try:
+                    base = (
+                        {k: v for k, v in os.environ.items() if k in _BASE_ENV}
+                        if m.launch.isolated_env
+                        else dict(os.environ)
+                    )
                     m.proc = await asyncio.create_subprocess_exec(
                         *m.launch.argv,
-                        env={**os.environ, **m.launch.env},
+                        env={**base, **m.launch.env},
                         stdin=asyncio.subprocess.DEVNULL,
                         stdout=out,
                         stderr=out,
-                        cwd=str(self.state),  # never the repo root: its folders shadow the stdlib
+                        # never the repo root: its folders shadow the stdlib
+                        cwd=m.launch.cwd or str(self.state),
                         start_new_session=True,
                     )
                 except OSError as exc:
@@ -510,7 +808,10 @@ def default_sim() -> str:
 async def amain(a: argparse.Namespace) -> None:
     await config.load_kube_config(config_file=a.kubeconfig)
     sim = shlex.split(a.sim)
-    handlers: list[Handler] = [EngineHandler(sim, shlex.split(a.sim_extra_args))]
+    handlers: list[Handler] = [
+        EngineHandler(sim, shlex.split(a.sim_extra_args)),
+        ShoalPodHandler(shlex.split(a.shoal), Path(a.state_dir), a.kubeconfig),
+    ]
     runner = PodRunner(handlers, Path(a.state_dir), a.label_selector, a.resync)
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -538,6 +839,11 @@ def main() -> int:
         "--sim-extra-args",
         default=os.environ.get("SHOAL_SIM_EXTRA_ARGS", ""),
         help="appended to every `shoal sim` command line (shell-quoted)",
+    )
+    p.add_argument(
+        "--shoal",
+        default=os.environ.get("SHOAL_BIN", default_sim()),
+        help="what the `shoal` entry point of Shoal's own pods runs (default .venv/bin/shoal)",
     )
     p.add_argument(
         "--label-selector",

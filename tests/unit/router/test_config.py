@@ -78,7 +78,9 @@ def test_endpoint_slice_translation() -> None:
     }
     eps = endpoints_from_slice(slice_obj, port_name="http")
     assert [e.url for e in eps] == ["http://10.244.1.5:8000", "http://10.244.1.8:8000"]
-    assert eps[0].models == ("llama",)
+    # The label names the Model resource; served names come from the engines' /v1/models.
+    assert eps[0].models == ()
+    assert ("shoal.dev/model", "llama") in eps[0].labels
     assert eps[0].kv_events_endpoint == "tcp://10.244.1.5:5557"
     assert endpoints_from_slice({**slice_obj, "addressType": "FQDN"}) == []
     assert endpoints_from_slice(slice_obj, port_name="grpc") == []

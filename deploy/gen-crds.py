@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 from shoal.api.crd import MODEL_CRD_FILE, model_crd, render_yaml
+from shoal.api.reference import model_reference_markdown
 
 CRDS_DIR = Path(__file__).resolve().parents[1] / "charts" / "shoal" / "crds"
+REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "model-reference.md"
 
 
 def main() -> int:
@@ -24,18 +26,21 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="compare instead of writing")
     parser.add_argument("--out-dir", type=Path, default=CRDS_DIR, help="default: the chart's crds/")
     args = parser.parse_args()
-    target = args.out_dir / MODEL_CRD_FILE
-    text = render_yaml(model_crd())
+    outputs = {
+        args.out_dir / MODEL_CRD_FILE: render_yaml(model_crd()),
+        REFERENCE: model_reference_markdown(),
+    }
     if args.check:
-        current = target.read_text() if target.exists() else ""
-        if current != text:
-            print(f"{target} is stale: run deploy/gen-crds.py", file=sys.stderr)
-            return 1
-        print(f"{target} is up to date")
-        return 0
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
-    print(f"wrote {target}")
+        stale = [p for p, text in outputs.items() if (p.read_text() if p.exists() else "") != text]
+        for path in stale:
+            print(f"{path} is stale: run deploy/gen-crds.py", file=sys.stderr)
+        if not stale:
+            print("CRD and reference are up to date")
+        return 1 if stale else 0
+    for path, text in outputs.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
     return 0
 
 

@@ -247,3 +247,12 @@ def test_spec_replicas_spread_over_pools(
 def test_spec_replicas_bounds(total: int, pools: list[dict[str, Any]], needle: str) -> None:
     with pytest.raises(ModelFileError, match=re.escape(needle)):
         parse_model(_spec(total, *pools))
+
+
+def test_reference_page_matches_the_crd() -> None:
+    """docs/model-reference.md is generated from the same schema; regenerate on drift."""
+    from shoal.api.reference import model_reference_markdown
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "model-reference.md"
+    assert page.read_text() == model_reference_markdown(), "run deploy/gen-crds.py"
+    assert "`spec.pools[].gpuType`" in page.read_text()

@@ -1,15 +1,86 @@
 """The ``shoal`` command line: one entry point, one subcommand per job.
 
-Subcommands import their component lazily so that ``shoal --help`` stays fast and a missing
-optional dependency of one component does not break the others.
+Each subcommand lives with its component as a pair of functions, ``add_<x>_arguments(parser)``
+and ``run_<x>(args) -> int``; this module only lists them (``COMMANDS``) and dispatches.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    module: str  # where add_<x>_arguments and run_<x> live
+    stem: str  # the <x>
+    help: str
+    description: str
+
+    def function(self, prefix: str, suffix: str = "") -> Callable[..., Any]:
+        func: Callable[..., Any] = getattr(
+            importlib.import_module(self.module), f"{prefix}{self.stem}{suffix}"
+        )
+        return func
+
+
+COMMANDS = (
+    Command(
+        "sim",
+        "shoal.sim.serve",
+        "sim",
+        "run one simulated vLLM-compatible engine (OpenAI API, /metrics, KV events)",
+        "Serve one simulated engine replica that behaves like a vLLM OpenAI server.",
+    ),
+    Command(
+        "simulate",
+        "shoal.sim.simulate_cli",
+        "simulate",
+        "replay a workload on a simulated fleet on a virtual clock (hours in seconds)",
+        "Run a fleet of simulated engines over a trace on a virtual clock.",
+    ),
+    Command(
+        "router",
+        "shoal.router.cli",
+        "router",
+        "run the OpenAI-compatible router in front of engines",
+        "Route OpenAI requests to the engine where they finish soonest.",
+    ),
+    Command(
+        "operator",
+        "shoal.operator.cli",
+        "operator",
+        "run the Kubernetes operator that turns Model resources into engine Deployments",
+        "Reconcile shoal.dev Models into Deployments per GPU pool and a Service.",
+    ),
+    Command(
+        "up",
+        "shoal.local",
+        "up",
+        "start the engines a Model describes plus the router, locally (no cluster)",
+        "Run a Model locally: simulated engines per pool and the Shoal router.",
+    ),
+    Command(
+        "bench",
+        "shoal.bench.cli",
+        "bench",
+        "replay a workload open-loop against any OpenAI endpoint and report latencies",
+        "Open-loop load generator for OpenAI-compatible endpoints.",
+    ),
+    Command(
+        "demo",
+        "shoal.demo",
+        "demo",
+        "start a local fleet and compare round-robin with Shoal's best strategy",
+        "A one-command demonstration of cache-aware routing on a local fleet.",
+    ),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,69 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    from shoal.sim.serve import add_sim_arguments
-
-    sim = sub.add_parser(
-        "sim",
-        help="run one simulated vLLM-compatible engine (OpenAI API, /metrics, KV events)",
-        description="Serve one simulated engine replica that behaves like a vLLM OpenAI server.",
-    )
-    add_sim_arguments(sim)
-
-    from shoal.sim.simulate_cli import add_simulate_arguments
-
-    simulate = sub.add_parser(
-        "simulate",
-        help="replay a workload on a simulated fleet on a virtual clock (hours in seconds)",
-        description="Run a fleet of simulated engines over a trace on a virtual clock.",
-    )
-    add_simulate_arguments(simulate)
-
-    from shoal.router.cli import add_router_arguments
-
-    router = sub.add_parser(
-        "router",
-        help="run the OpenAI-compatible router in front of engines",
-        description="Route OpenAI requests to the engine where they finish soonest.",
-    )
-    add_router_arguments(router)
-
-    from shoal.operator.cli import add_operator_arguments
-
-    operator = sub.add_parser(
-        "operator",
-        help="run the Kubernetes operator that turns Model resources into engine Deployments",
-        description="Reconcile shoal.dev Models into Deployments per GPU pool and a Service.",
-    )
-    add_operator_arguments(operator)
-
-    from shoal.local import add_up_arguments
-
-    up = sub.add_parser(
-        "up",
-        help="start the engines a Model describes plus the router, locally (no cluster)",
-        description="Run a Model locally: simulated engines per pool and the Shoal router.",
-    )
-    add_up_arguments(up)
-
-    from shoal.bench.cli import add_bench_arguments
-
-    bench = sub.add_parser(
-        "bench",
-        help="replay a workload open-loop against any OpenAI endpoint and report latencies",
-        description="Open-loop load generator for OpenAI-compatible endpoints.",
-    )
-    add_bench_arguments(bench)
-
-    from shoal.demo import add_demo_arguments
-
-    demo = sub.add_parser(
-        "demo",
-        help="start a local fleet and compare round-robin with Shoal's best strategy",
-        description="A one-command demonstration of cache-aware routing on a local fleet.",
-    )
-    add_demo_arguments(demo)
+    for command in COMMANDS:
+        sub_parser = sub.add_parser(
+            command.name, help=command.help, description=command.description
+        )
+        command.function("add_", "_arguments")(sub_parser)
     return parser
 
 
@@ -98,40 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # httpx logs every request at INFO: the router's scrapes and the demo's would drown the output.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    if args.command == "sim":
-        from shoal.sim.serve import run_sim
-
-        if unknown:
-            logging.getLogger("shoal.sim").warning(
-                "ignoring engine arguments the simulator does not model: %s", " ".join(unknown)
-            )
-
-        run_sim(args)
-        return 0
-    if args.command == "simulate":
-        from shoal.sim.simulate_cli import run_simulate
-
-        return int(run_simulate(args))
-    if args.command == "up":
-        from shoal.local import run_up
-
-        return int(run_up(args))
-    if args.command == "bench":
-        from shoal.bench.cli import run_bench
-
-        return int(run_bench(args))
-    if args.command == "demo":
-        from shoal.demo import run_demo
-
-        return int(run_demo(args))
-    if args.command == "operator":
-        from shoal.operator.cli import run_operator
-
-        return int(run_operator(args))
-    if args.command == "router":
-        from shoal.router.cli import run_router
-
-        return int(run_router(args))
+    if unknown:
+        logging.getLogger("shoal.sim").warning(
+            "ignoring engine arguments the simulator does not model: %s", " ".join(unknown)
+        )
+    for command in COMMANDS:
+        if command.name == args.command:
+            return int(command.function("run_")(args) or 0)
     parser.print_help()
     return 2
 

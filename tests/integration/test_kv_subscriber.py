@@ -6,33 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
 
 from shoal.hashing import block_hashes
 from shoal.kv_events import BlockStored, EventBatch
+from shoal.local import HOST, ManagedProcess, free_port, shoal_executable
 from shoal.router.kv_index import HashSpace, KvEventIndex
 from shoal.router.kv_subscriber import KvEventSubscriber
 from shoal.sim.kv_publisher import KvEventPublisher
 
 BLOCK = 16
 URL_KEY = "engine-0"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -44,7 +32,7 @@ class Sim:
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
-    port, ev_port, replay_port = _free_port(), _free_port(), _free_port()
+    port, ev_port, replay_port = free_port(), free_port(), free_port()
     events = f"tcp://127.0.0.1:{ev_port}"
     replay = f"tcp://127.0.0.1:{replay_port}"
     cfg = {
@@ -54,37 +42,21 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
         "replay_endpoint": replay,
         "topic": "kv@test",
     }
-    tmp: Path = tmp_path_factory.mktemp("sim")
-    log = tmp / "sim.log"
     argv = [
-        sys.executable, "-m", "shoal", "sim",
+        *shoal_executable(), "sim",
         "--model", "tiny", "--served-model-name", "tiny",
         "--block-size", str(BLOCK), "--max-model-len", "2048",
-        "--host", "127.0.0.1", "--port", str(port),
+        "--host", HOST, "--port", str(port),
         "--kv-events-config", json.dumps(cfg),
     ]  # fmt: skip
-    # cwd outside the checkout, where ``shoal`` would resolve to the unmapped source folder.
-    proc = subprocess.Popen(argv, cwd=tmp, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("sim") / "sim.log"
+    proc = ManagedProcess("sim", argv, log, url=f"http://{HOST}:{port}")
+    proc.start()
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "shoal sim did not start"
-            time.sleep(0.1)
-        yield Sim(url, events, replay)
+        proc.wait_healthy(timeout_s=30)
+        yield Sim(proc.url, events, replay)
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        proc.stop()
 
 
 async def _complete(client: httpx.AsyncClient, url: str, tokens: list[int]) -> None:
@@ -155,8 +127,8 @@ def test_mid_stream_loss_is_recovered_from_the_replay_buffer() -> None:
     messages, the index sees gaps, replay fills them, and the end state holds every block."""
 
     async def run() -> None:
-        events = f"tcp://127.0.0.1:{_free_port()}"
-        replay = f"tcp://127.0.0.1:{_free_port()}"
+        events = f"tcp://127.0.0.1:{free_port()}"
+        replay = f"tcp://127.0.0.1:{free_port()}"
         pub = KvEventPublisher(events, replay, topic="kv", buffer_steps=10_000, hwm=5)
         index = KvEventIndex(max_blocks=100_000)
         sub = KvEventSubscriber(index, rcvhwm=5)
@@ -204,7 +176,7 @@ def test_malformed_messages_are_counted_and_skipped() -> None:
         import zmq
         import zmq.asyncio
 
-        events = f"tcp://127.0.0.1:{_free_port()}"
+        events = f"tcp://127.0.0.1:{free_port()}"
         ctx = zmq.asyncio.Context()
         pub_sock = ctx.socket(zmq.PUB)
         pub_sock.bind(events)

@@ -7,18 +7,12 @@ usage it reports adds up.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
 from openai import NotFoundError, OpenAI
+
+from shoal.local import HOST, ManagedProcess, free_port, shoal_executable
 
 PROMPT = "hello world tell me a short story about the cat"  # 10 tokens
 MESSAGES = [
@@ -28,58 +22,23 @@ MESSAGES = [
 EXACT = {"ignore_eos": True}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def sim_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    tmp: Path = tmp_path_factory.mktemp("sim")
-    log = tmp / "sim.log"
+    port = free_port()
     argv = [
-        sys.executable,
-        "-m",
-        "shoal",
-        "sim",
-        "--model",
-        "tiny",
-        "--served-model-name",
-        "tiny",
-        "--block-size",
-        "32",
-        "--max-model-len",
-        "2048",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    # cwd outside the checkout, where ``shoal`` would resolve to the unmapped source folder.
-    proc = subprocess.Popen(argv, cwd=tmp, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+        *shoal_executable(), "sim",
+        "--model", "tiny", "--served-model-name", "tiny",
+        "--block-size", "32", "--max-model-len", "2048",
+        "--host", HOST, "--port", str(port),
+    ]  # fmt: skip
+    log = tmp_path_factory.mktemp("sim") / "sim.log"
+    sim = ManagedProcess("sim", argv, log, url=f"http://{HOST}:{port}")
+    sim.start()
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "shoal sim did not start"
-            time.sleep(0.1)
-        yield url
+        sim.wait_healthy(timeout_s=30)
+        yield sim.url
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        sim.stop()
 
 
 @pytest.fixture

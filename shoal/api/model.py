@@ -315,13 +315,17 @@ class AutoscalingPolicy(_Base):
     enabled: bool = Field(
         default=False, description="Let the autoscaler change replicas (else they stay as set)."
     )
-    policy: Literal["slo", "kpa", "concurrency"] = Field(
+    policy: Literal["slo", "kpa", "apa", "hpa"] = Field(
         default="slo",
-        description="slo: size per SLO from modelled latency; kpa: Knative-style stable/panic "
-        "windows; concurrency: a target number of requests in flight per replica.",
+        description="slo: size per SLO from modelled latency and a forecast; kpa: Knative-style "
+        "stable/panic windows; apa: AIBrix-style fluctuation tolerance; hpa: a queue target "
+        "per replica (KEDA-style).",
     )
     target_concurrency: float | None = Field(
-        default=None, gt=0, description="Requests in flight per replica (policies kpa/concurrency)."
+        default=None, gt=0, description="Requests in flight per replica (policies kpa/apa)."
+    )
+    target_queue_depth: float | None = Field(
+        default=None, gt=0, description="Waiting requests per replica (policy hpa; default 5)."
     )
     stable_window_s: float = Field(
         default=60.0, gt=0, description="Averaging window in seconds for normal scaling."

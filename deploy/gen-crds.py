@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write the Helm chart's CRDs from the typed API models (``shoal.api.crd``).
 
-    .venv/bin/python deploy/gen-crds.py          # (re)write charts/shoal/crds/models.shoal.dev.yaml
+    .venv/bin/python deploy/gen-crds.py          # (re)write charts/shoal/crds/*.shoal.dev.yaml
     .venv/bin/python deploy/gen-crds.py --check  # exit 1 if the checked-in file is stale
 
 The output is checked in; ``tests/unit/test_crd.py`` fails when it drifts from the models. kopf's
@@ -14,11 +14,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from shoal.api.crd import MODEL_CRD_FILE, model_crd, render_yaml
-from shoal.api.reference import model_reference_markdown
+from shoal.api.crd import (
+    LORA_CRD_FILE,
+    MODEL_CRD_FILE,
+    lora_adapter_crd,
+    model_crd,
+    render_yaml,
+)
+from shoal.api.reference import lora_adapter_reference_markdown, model_reference_markdown
 
 CRDS_DIR = Path(__file__).resolve().parents[1] / "charts" / "shoal" / "crds"
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "model-reference.md"
+LORA_REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "loraadapter-reference.md"
 
 
 def main() -> int:
@@ -29,6 +36,8 @@ def main() -> int:
     outputs = {
         args.out_dir / MODEL_CRD_FILE: render_yaml(model_crd()),
         REFERENCE: model_reference_markdown(),
+        args.out_dir / LORA_CRD_FILE: render_yaml(lora_adapter_crd(), "shoal/api/lora.py"),
+        LORA_REFERENCE: lora_adapter_reference_markdown(),
     }
     if args.check:
         stale = [p for p, text in outputs.items() if (p.read_text() if p.exists() else "") != text]

@@ -31,6 +31,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from shoal.api.lora import (
+    LORA_KIND,
+    LORA_PLURAL,
+    LORA_SHORT_NAMES,
+    LoraAdapterSpec,
+    LoraAdapterStatus,
+)
 from shoal.api.model import (
     GROUP,
     KIND,
@@ -43,6 +50,7 @@ from shoal.api.model import (
 SHORT_NAMES = ("mdl",)
 CATEGORIES = ("shoal",)
 MODEL_CRD_FILE = f"{PLURAL}.{GROUP}.yaml"
+LORA_CRD_FILE = f"{LORA_PLURAL}.{GROUP}.yaml"
 
 # Keys copied unchanged from the JSON schema: they mean the same in OpenAPI v3.0.
 _PASSTHROUGH = frozenset(
@@ -158,7 +166,7 @@ def _convert(node: Mapping[str, Any], defs: Mapping[str, Any], where: str) -> di
     extra = src.get("additionalProperties")
     if isinstance(extra, Mapping):
         out["additionalProperties"] = _convert(extra, defs, f"{where}.*")
-    if "type" not in out:
+    if "type" not in out and not out.get("x-kubernetes-int-or-string"):
         if "enum" in out:
             out["type"] = "string"
         elif not out.get("x-kubernetes-preserve-unknown-fields"):
@@ -218,29 +226,67 @@ def _condition_column(name: str, type_: str, field: str, description: str) -> di
     }
 
 
-def model_crd() -> dict[str, Any]:
-    """The ``models.shoal.dev`` CustomResourceDefinition."""
-    spec = structural_schema(ModelSpec)
-    status = structural_schema(ModelStatus)
+def _crd(
+    *,
+    kind: str,
+    plural: str,
+    short_names: tuple[str, ...],
+    description: str,
+    spec_model: type[BaseModel],
+    status_model: type[BaseModel],
+    columns: list[dict[str, Any]],
+    subresources: dict[str, Any],
+) -> dict[str, Any]:
+    """One namespaced ``shoal.dev`` CRD from the typed spec and status of its kind."""
     root = {
-        "description": (
-            "Model: an LLM served by Shoal. The operator runs the engine on one Deployment per "
-            "GPU pool, keeps the replicas within each pool's bounds, and the router sends every "
-            "request to the replica where it finishes soonest."
-        ),
+        "description": description,
         "type": "object",
         "properties": {
             "apiVersion": {
-                "description": "APIVersion of this representation: shoal.dev/v1alpha1.",
+                "description": f"APIVersion of this representation: {GROUP}/{VERSION}.",
                 "type": "string",
             },
-            "kind": {"description": "Kind of this resource: Model.", "type": "string"},
+            "kind": {"description": f"Kind of this resource: {kind}.", "type": "string"},
             "metadata": {"type": "object"},
-            "spec": spec,
-            "status": status,
+            "spec": structural_schema(spec_model),
+            "status": structural_schema(status_model),
         },
         "required": ["spec"],
     }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{plural}.{GROUP}",
+            "labels": {"app.kubernetes.io/part-of": "shoal"},
+        },
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": list(short_names),
+                "categories": list(CATEGORIES),
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": root},
+                    "subresources": subresources,
+                    "additionalPrinterColumns": columns,
+                }
+            ],
+        },
+    }
+
+
+def model_crd() -> dict[str, Any]:
+    """The ``models.shoal.dev`` CustomResourceDefinition."""
     columns = [
         _condition_column("Ready", "Ready", "status", "Whether every desired replica serves."),
         {
@@ -283,51 +329,93 @@ def model_crd() -> dict[str, Any]:
         },
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {
-            "name": f"{PLURAL}.{GROUP}",
-            "labels": {"app.kubernetes.io/part-of": "shoal"},
-        },
-        "spec": {
-            "group": GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": KIND.lower(),
-                "shortNames": list(SHORT_NAMES),
-                "categories": list(CATEGORIES),
+    return _crd(
+        kind=KIND,
+        plural=PLURAL,
+        short_names=SHORT_NAMES,
+        description=(
+            "Model: an LLM served by Shoal. The operator runs the engine on one Deployment per "
+            "GPU pool, keeps the replicas within each pool's bounds, and the router sends every "
+            "request to the replica where it finishes soonest."
+        ),
+        spec_model=ModelSpec,
+        status_model=ModelStatus,
+        columns=columns,
+        subresources={
+            "status": {},
+            # kubectl scale and HorizontalPodAutoscalers act on the total; the
+            # operator writes status.selector (engine pods of this Model).
+            "scale": {
+                "specReplicasPath": ".spec.replicas",
+                "statusReplicasPath": ".status.replicas",
+                "labelSelectorPath": ".status.selector",
             },
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "schema": {"openAPIV3Schema": root},
-                    "subresources": {
-                        "status": {},
-                        # kubectl scale and HorizontalPodAutoscalers act on the total; the
-                        # operator writes status.selector (engine pods of this Model).
-                        "scale": {
-                            "specReplicasPath": ".spec.replicas",
-                            "statusReplicasPath": ".status.replicas",
-                            "labelSelectorPath": ".status.selector",
-                        },
-                    },
-                    "additionalPrinterColumns": columns,
-                }
-            ],
         },
-    }
+    )
 
 
-def render_yaml(crd: Mapping[str, Any]) -> str:
+def lora_adapter_crd() -> dict[str, Any]:
+    """The ``loraadapters.shoal.dev`` CustomResourceDefinition."""
+    columns = [
+        {
+            "name": "Base",
+            "type": "string",
+            "jsonPath": ".spec.baseModel",
+            "description": "The Model whose engines serve the adapter.",
+        },
+        {
+            "name": "Desired",
+            "type": "integer",
+            "jsonPath": ".status.desiredReplicas",
+            "description": "Pods that should hold the adapter ('all' resolved).",
+        },
+        {
+            "name": "Loaded",
+            "type": "integer",
+            "jsonPath": ".status.loadedReplicas",
+            "description": "Pods whose /v1/models lists the adapter.",
+        },
+        {
+            "name": "Phase",
+            "type": "string",
+            "jsonPath": ".status.phase",
+            "description": "Pending, Loading, Ready or Failed.",
+        },
+        {
+            **_condition_column(
+                "Reason", "Degraded", "reason", "Why the adapter is degraded, when it is."
+            ),
+            "priority": 1,
+        },
+        {
+            "name": "Source",
+            "type": "string",
+            "jsonPath": ".spec.source",
+            "description": "Where the adapter's files come from.",
+            "priority": 1,
+        },
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    return _crd(
+        kind=LORA_KIND,
+        plural=LORA_PLURAL,
+        short_names=LORA_SHORT_NAMES,
+        description=(
+            "LoraAdapter: a LoRA adapter served on top of a Model. The operator places it on "
+            "engine replicas within the Model's lora.maxLoras, loads it through the engines' "
+            "API and reports where it is loaded, as the engines say."
+        ),
+        spec_model=LoraAdapterSpec,
+        status_model=LoraAdapterStatus,
+        columns=columns,
+        subresources={"status": {}},
+    )
+
+
+def render_yaml(crd: Mapping[str, Any], source: str = "shoal/api/model.py") -> str:
     """Deterministic YAML for a CRD, with a header saying where it comes from."""
     header = (
-        "# Generated by deploy/gen-crds.py from shoal/api/model.py: do not edit by hand.\n"
+        f"# Generated by deploy/gen-crds.py from {source}: do not edit by hand.\n"
         "# Regenerate with: .venv/bin/python deploy/gen-crds.py\n"
     )
     body = yaml.safe_dump(dict(crd), sort_keys=False, width=100, allow_unicode=True)
@@ -336,9 +424,11 @@ def render_yaml(crd: Mapping[str, Any]) -> str:
 
 __all__ = [
     "CATEGORIES",
+    "LORA_CRD_FILE",
     "MODEL_CRD_FILE",
     "SHORT_NAMES",
     "SchemaConversionError",
+    "lora_adapter_crd",
     "model_crd",
     "render_yaml",
     "structural_schema",

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from shoal.api.crd import model_crd
+from shoal.api.crd import lora_adapter_crd, model_crd
 
 
 def _type(node: Mapping[str, Any]) -> str:
@@ -49,17 +49,26 @@ def _rows(node: Mapping[str, Any], path: str) -> Iterator[tuple[str, str, str, s
 
 
 def model_reference_markdown() -> str:
-    crd = model_crd()
+    return reference_markdown(model_crd(), "shoal/api/model.py")
+
+
+def lora_adapter_reference_markdown() -> str:
+    """``docs/loraadapter-reference.md``: the same page for the LoraAdapter kind."""
+    return reference_markdown(lora_adapter_crd(), "shoal/api/lora.py")
+
+
+def reference_markdown(crd: Mapping[str, Any], source: str) -> str:
+    """The reference page of one generated CRD: a table of fields per spec and status."""
     version = crd["spec"]["versions"][0]
     schema = version["schema"]["openAPIV3Schema"]
     names = crd["spec"]["names"]
     lines = [
-        "# `Model` reference",
+        f"# `{crd['spec']['names']['kind']}` reference",
         "",
         f"`{crd['spec']['group']}/{version['name']}`, kind `{names['kind']}`, short name "
-        f"`{', '.join(names.get('shortNames', ()))}`. Generated from `shoal/api/model.py` by "
-        "`deploy/gen-crds.py`; do not edit by hand. `kubectl explain model.spec` shows the same "
-        "descriptions.",
+        f"`{', '.join(names.get('shortNames', ()))}`. Generated from `{source}` by "
+        "`deploy/gen-crds.py`; do not edit by hand. "
+        f"`kubectl explain {names['singular']}.spec` shows the same descriptions.",
         "",
     ]
     for section in ("spec", "status"):

@@ -60,6 +60,13 @@ COMMANDS = (
         "Reconcile shoal.dev Models into Deployments per GPU pool and a Service.",
     ),
     Command(
+        "autoscaler",
+        "shoal.autoscaler.cli",
+        "autoscaler",
+        "run the autoscaler that sizes Models' GPU pools from Prometheus",
+        "Size autoscaled Models' pools from Prometheus metrics, writing their replicas.",
+    ),
+    Command(
         "up",
         "shoal.local",
         "up",

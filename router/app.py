@@ -19,9 +19,11 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from shoal.router.admission import AdmissionController
+from shoal.router.catalog import DeclaredCatalog, KubernetesCatalogSource
 from shoal.router.config import RouterConfig
 from shoal.router.discovery import Discovery, KubernetesDiscovery, StaticDiscovery
 from shoal.router.engine_state import EngineStateStore, SaturationPolicy
+from shoal.router.holding import HoldQueue
 from shoal.router.kv_index import KvEventIndex
 from shoal.router.kv_subscriber import KvEventSubscriber
 from shoal.router.metrics import RouterMetrics
@@ -58,6 +60,9 @@ class RouterComponents:
     shared: SharedState | None
     discovery: Discovery
     gateway: Gateway
+    catalog: DeclaredCatalog
+    holds: HoldQueue
+    catalog_source: KubernetesCatalogSource | None
 
 
 def default_discovery(config: RouterConfig) -> Discovery:
@@ -130,6 +135,13 @@ def build_components(
             keepalive_expiry=30.0,
         ),
     )
+    holds = HoldQueue(max_per_name=config.hold.max_per_model, timeout_s=config.hold.timeout_s)
+
+    def on_fresh_metrics() -> None:
+        admission.pump_all()
+        if holds.waiting:
+            holds.notify()
+
     subscriber = KvEventSubscriber(kv_index) if config.kv_events == "auto" else None
     scrapers = ScraperPool(
         client,
@@ -138,8 +150,9 @@ def build_components(
         models_refresh_s=config.models_refresh_s,
         discover_kv_sources=subscriber is not None,
         on_kv_source=subscriber.add if subscriber is not None else None,
-        # Fresh metrics may mean free capacity: let the queues try.
-        on_update=lambda _url: admission.pump_all(),
+        # Fresh metrics may mean free capacity (let the queues try) or a newly servable
+        # endpoint (let held requests re-check).
+        on_update=lambda _url: on_fresh_metrics(),
     )
     shared = (
         SharedState(
@@ -164,6 +177,15 @@ def build_components(
             max_idle_per_endpoint=config.max_connections,
         )
     )
+    hold = config.hold
+    catalog = DeclaredCatalog(hold.max_declared)
+    catalog.set_source("config", {**dict.fromkeys(hold.models), **dict(hold.adapters.items())})
+    store.on_models_changed = holds.notify
+    catalog_source = (
+        KubernetesCatalogSource(catalog, config.kubernetes.namespace, resync_s=hold.resync_s)
+        if config.kubernetes is not None and hold.watch_resources and discovery is None
+        else None
+    )
     gateway = Gateway(
         config,
         store,
@@ -175,6 +197,8 @@ def build_components(
         approx_index=approx_index,
         kv_index=kv_index,
         shared=shared,
+        catalog=catalog,
+        holds=holds,
     )
     metrics.watch_state(
         admission.depths,
@@ -183,6 +207,7 @@ def build_components(
         },
         lambda: dict(fallbacks.counts),
         lambda: None if shared is None else (1.0 if shared.up else 0.0),
+        holds.depths,
     )
     return RouterComponents(
         config=config,
@@ -201,6 +226,9 @@ def build_components(
         shared=shared,
         discovery=discovery if discovery is not None else default_discovery(config),
         gateway=gateway,
+        catalog=catalog,
+        holds=holds,
+        catalog_source=catalog_source,
     )
 
 
@@ -213,6 +241,7 @@ async def _follow_discovery(c: RouterComponents) -> None:
                 c.subscriber.remove(url)
             c.approx_index.remove_endpoint(url)
             c.sessions.forget_endpoint(url)
+            c.metrics.forget_endpoint(url)
         for endpoint in added:
             c.scrapers.add(endpoint)
             if c.subscriber is not None and endpoint.kv_events_endpoint is not None:
@@ -250,6 +279,8 @@ def create_router_app(
             loop.create_task(_follow_discovery(components), name="discovery"),
             loop.create_task(_sweep(components), name="sweep"),
         ]
+        if components.catalog_source is not None:
+            tasks.append(loop.create_task(components.catalog_source.run(), name="catalog"))
         if components.shared is not None:
             await components.shared.start()
         try:

@@ -111,6 +111,23 @@ class QueueTimeoutsConfig(_Strict):
         }[priority]
 
 
+class HoldConfig(_Strict):
+    """Requests for a declared name that no engine serves yet wait instead of failing.
+
+    Declared names: ``models`` and ``adapters`` (adapter -> base model) here, plus, with
+    Kubernetes discovery and ``watch_resources``, the ``Model`` and ``LoraAdapter`` resources of
+    the namespace. A Model at zero replicas or an adapter still loading then holds requests.
+    """
+
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_per_model: int = Field(default=256, ge=0)
+    models: tuple[str, ...] = ()
+    adapters: dict[str, str] = Field(default_factory=dict)
+    watch_resources: bool = True
+    resync_s: float = Field(default=2.0, gt=0)
+    max_declared: int = Field(default=100_000, ge=1)
+
+
 class RouterConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -148,6 +165,7 @@ class RouterConfig(_Strict):
     api_keys: dict[str, ApiKeyConfig] = Field(default_factory=dict)
     max_tenants: int = Field(default=10_000, ge=1)
     expected_output_tokens: int = Field(default=128, ge=1)  # when a request sets no max_tokens
+    hold: HoldConfig = Field(default_factory=HoldConfig)
 
     # Resilience.
     max_attempts: int = Field(default=3, ge=1)

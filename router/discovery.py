@@ -140,6 +140,20 @@ def endpoints_from_slice(
     return out
 
 
+async def load_kubernetes_client() -> Any:
+    """A ``kubernetes_asyncio`` ApiClient from the in-cluster config, else ``~/.kube/config``."""
+    from kubernetes_asyncio import client
+    from kubernetes_asyncio import config as kube_config
+
+    # The library's loaders are only partly typed.
+    loaders: Any = kube_config
+    try:
+        loaders.load_incluster_config()
+    except loaders.ConfigException:
+        await loaders.load_kube_config()
+    return client.ApiClient()
+
+
 class KubernetesDiscovery:
     """Watches EndpointSlices in one namespace by label selector.
 
@@ -168,16 +182,7 @@ class KubernetesDiscovery:
 
     async def _client(self) -> Any:
         if self._api_client is None:
-            from kubernetes_asyncio import client
-            from kubernetes_asyncio import config as kube_config
-
-            # The library's loaders are only partly typed.
-            loaders: Any = kube_config
-            try:
-                loaders.load_incluster_config()
-            except loaders.ConfigException:
-                await loaders.load_kube_config()
-            self._api_client = client.ApiClient()
+            self._api_client = await load_kubernetes_client()
         return self._api_client
 
     def _translate(self, api_client: Any, obj: Any) -> list[Endpoint]:

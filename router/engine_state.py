@@ -72,6 +72,8 @@ class EngineStateStore:
         self._roots: dict[str, str] = {}  # base model -> the engine's model root
         # ejections, probes_failed, ... for the metrics layer.
         self.counters: Counter[str] = Counter()
+        # Called when the set of served names changes (held requests re-check theirs).
+        self.on_models_changed: Callable[[], None] | None = None
 
     # ---------------------------------------------------------------------------- membership
 
@@ -194,11 +196,29 @@ class EngineStateStore:
                 models[base] = (base, None)
             for adapter, parent in track.adapters.items():
                 models.setdefault(adapter, (parent, adapter))
+        changed = models != self._models
         self._models = models
+        if changed and self.on_models_changed is not None:
+            self.on_models_changed()
 
     def resolve_model(self, name: str) -> tuple[str, str | None] | None:
         """(base model, adapter or None) for a requested model name, None if nobody serves it."""
         return self._models.get(name)
+
+    def resolve_servable(self, name: str) -> tuple[str, str | None] | None:
+        """Like ``resolve_model``, but only once an endpoint that serves the name is healthy,
+        has fresh metrics and is not ejected: what a held request waits for."""
+        resolved = self._models.get(name)
+        if resolved is None:
+            return None
+        base, lora = resolved
+        now = self._clock()
+        for s in self.candidates_for(base):
+            if not s.healthy or s.stale or s.ejected_until > now:
+                continue
+            if lora is None or lora in s.loaded_adapters:
+                return resolved
+        return None
 
     def model_cards(self) -> list[ModelCard]:
         return [

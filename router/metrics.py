@@ -12,6 +12,7 @@ Label values are bounded: ``endpoint`` is a discovered URL, ``model`` a model th
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -37,7 +38,9 @@ class _StateCollector(Collector):
         endpoints: Callable[[], Mapping[str, tuple[bool, bool, int]]],
         fallbacks: Callable[[], Mapping[tuple[str, str], int]],
         shared_state_up: Callable[[], float | None],
+        held: Callable[[], Mapping[str, int]],
     ) -> None:
+        self._held = held
         self._queue_depths = queue_depths
         self._endpoints = endpoints
         self._fallbacks = fallbacks
@@ -50,6 +53,15 @@ class _StateCollector(Collector):
         for model, n in sorted(self._queue_depths().items()):
             depth.add_metric([model], n)
         yield depth
+        held = GaugeMetricFamily(
+            "shoal_router_held_requests",
+            "Requests waiting for a declared model or adapter that no engine serves yet "
+            "(scale from zero, adapter loading), per base model",
+            labels=["model"],
+        )
+        for model, n in sorted(self._held().items()):
+            held.add_metric([model], n)
+        yield held
         stale = GaugeMetricFamily(
             "shoal_router_endpoint_stale",
             "1 when the endpoint's metrics are stale (it then counts as saturated)",
@@ -93,6 +105,9 @@ class RouterMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # (model, status) pairs seen per endpoint, so that an endpoint's series can be removed
+        # when it leaves the fleet: pods come and go, and their series must not pile up.
+        self._endpoint_series: dict[str, set[tuple[str, str]]] = {}
         self.requests = Counter(
             "shoal_router_requests",
             "Requests answered, by model, endpoint (empty if none) and HTTP status",
@@ -166,14 +181,38 @@ class RouterMetrics:
             registry=r,
         )
 
+        self.hold_outcomes = Counter(
+            "shoal_router_hold_outcomes",
+            "Requests that waited for a declared name, by how the wait ended "
+            "(served, timeout, full)",
+            ["model", "outcome"],
+            registry=r,
+        )
+
+    def count_request(self, model: str, endpoint: str, status: str) -> None:
+        self.requests.labels(model, endpoint, status).inc()
+        if endpoint:
+            self._endpoint_series.setdefault(endpoint, set()).add((model, status))
+
+    def forget_endpoint(self, endpoint: str) -> None:
+        """Drop every series labelled with an endpoint that left the fleet."""
+        for model, status in self._endpoint_series.pop(endpoint, ()):
+            self.requests.remove(model, endpoint, status)
+        # remove() raises KeyError for a series that never existed
+        with contextlib.suppress(KeyError):
+            self.ejections.remove(endpoint)
+
     def watch_state(
         self,
         queue_depths: Callable[[], Mapping[str, int]],
         endpoints: Callable[[], Mapping[str, tuple[bool, bool, int]]],
         fallbacks: Callable[[], Mapping[tuple[str, str], int]],
         shared_state_up: Callable[[], float | None],
+        held: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
-        self.registry.register(_StateCollector(queue_depths, endpoints, fallbacks, shared_state_up))
+        self.registry.register(
+            _StateCollector(queue_depths, endpoints, fallbacks, shared_state_up, held)
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

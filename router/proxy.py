@@ -32,8 +32,10 @@ from starlette.types import Receive, Scope, Send
 
 from shoal.hashing import block_hashes
 from shoal.router.admission import AdmissionController, Rejected
+from shoal.router.catalog import DeclaredCatalog
 from shoal.router.config import RouterConfig, priority_from_name
 from shoal.router.engine_state import EngineStateStore
+from shoal.router.holding import HoldFull, HoldQueue, HoldTimeout
 from shoal.router.kv_index import KvEventIndex
 from shoal.router.metrics import CONTENT_TYPE, RouterMetrics
 from shoal.router.prefix_index import ApproxPrefixIndex
@@ -261,8 +263,12 @@ class Gateway:
         approx_index: ApproxPrefixIndex | None = None,
         kv_index: KvEventIndex | None = None,
         shared: SharedState | None = None,
+        catalog: DeclaredCatalog | None = None,
+        holds: HoldQueue | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.catalog = catalog
+        self.holds = holds
         self.config = config
         self.store = store
         self.pipelines = pipelines
@@ -306,6 +312,21 @@ class Gateway:
             }
             for card in self.store.model_cards()
         ]
+        # Declared names no engine serves yet are listed too: a request for them is held
+        # until they are (scale from zero, adapter loading), so they are usable names.
+        served = {card["id"] for card in data}
+        for declared in self.catalog.entries() if self.catalog is not None else ():
+            if declared.name not in served:
+                data.append(
+                    {
+                        "id": declared.name,
+                        "object": "model",
+                        "created": now,
+                        "owned_by": "shoal",
+                        "root": declared.base,
+                        "parent": declared.parent,
+                    }
+                )
         return JSONResponse({"object": "list", "data": data})
 
     async def chat_completions(self, request: Request) -> Response:
@@ -366,6 +387,42 @@ class Gateway:
             retry_after_s=1,
         )
 
+    async def _resolve_declared(self, name: str) -> tuple[str, str | None]:
+        """A name no engine serves: hold the request if it is declared, else 404 (or 503)."""
+        declared = self.catalog.get(name) if self.catalog is not None else None
+        if declared is None or self.holds is None:
+            if not any(s.healthy for s in self.store.states()):
+                raise self._no_endpoint("", "no_endpoints")
+            self.metrics.count_request("", "", "404")
+            raise ApiError(
+                404,
+                f"The model `{name}` does not exist.",
+                "NotFoundError",
+                param="model",
+                code="model_not_found",
+            )
+        base = declared.base
+        try:
+            resolved = await self.holds.wait(name, base, self.store.resolve_servable)
+        except HoldFull:
+            self.metrics.hold_outcomes.labels(base, "full").inc()
+            self.metrics.count_request(base, "", "503")
+            raise self._no_endpoint(base, "hold_full") from None
+        except HoldTimeout:
+            self.metrics.hold_outcomes.labels(base, "timeout").inc()
+            self.metrics.count_request(base, "", "503")
+            self.metrics.rejections.labels(base, "not_ready").inc()
+            raise ApiError(
+                503,
+                f"`{name}` is declared but no engine serves it yet (scaling up from zero or "
+                f"loading the adapter); waited {self.holds.timeout_s:g}s",
+                "service_unavailable",
+                code="not_ready",
+                retry_after_s=max(1, int(self.holds.timeout_s / 4)),
+            ) from None
+        self.metrics.hold_outcomes.labels(base, "served").inc()
+        return resolved
+
     def _upstream_headers(self, request: Request, identity: Identity) -> dict[str, str]:
         headers = {"content-type": "application/json"}
         for name in ("accept", "x-request-id"):
@@ -420,16 +477,7 @@ class Gateway:
                     raise _bad(str(exc), STRATEGY_HEADER) from None
             resolved = self.store.resolve_model(parsed.model)
             if resolved is None:
-                if not any(s.healthy for s in self.store.states()):
-                    raise self._no_endpoint("", "no_endpoints")
-                self.metrics.requests.labels("", "", "404").inc()
-                raise ApiError(
-                    404,
-                    f"The model `{parsed.model}` does not exist.",
-                    "NotFoundError",
-                    param="model",
-                    code="model_not_found",
-                )
+                resolved = await self._resolve_declared(parsed.model)
             base, lora = resolved
             session = request.headers.get(SESSION_HEADER) or parsed.user
             expected = (
@@ -458,7 +506,7 @@ class Gateway:
                 )
             except Rejected as exc:
                 self.metrics.rejections.labels(base, exc.reason).inc()
-                self.metrics.requests.labels(base, "", "429").inc()
+                self.metrics.count_request(base, "", "429")
                 raise ApiError(
                     429,
                     f"model {base!r} is at capacity ({exc.reason.replace('_', ' ')}); retry later",
@@ -536,7 +584,7 @@ class Gateway:
             )
         if last_failure is not None:
             self.metrics.rejections.labels(base, "upstream_failed").inc()
-            self.metrics.requests.labels(base, "", "502").inc()
+            self.metrics.count_request(base, "", "502")
             raise ApiError(
                 502,
                 f"every attempt failed before a response (last: {last_failure})",
@@ -544,7 +592,7 @@ class Gateway:
                 code="upstream_failed",
                 retry_after_s=1,
             )
-        self.metrics.requests.labels(base, "", "503").inc()
+        self.metrics.count_request(base, "", "503")
         raise self._no_endpoint(base, "no_endpoint")
 
     def _failed(self, url: str, model: str, cost: int) -> None:
@@ -571,7 +619,7 @@ class Gateway:
             m = self.metrics
             now = self._clock()
             status = "499" if outcome.client_disconnected else str(outcome.status)
-            m.requests.labels(base, url, status).inc()
+            m.count_request(base, url, status)
             m.e2e.labels(base).observe(now - started)
             if parsed.stream and outcome.first_chunk_at is not None:
                 m.ttft.labels(base).observe(outcome.first_chunk_at - started)

@@ -190,6 +190,8 @@ def test_rbac_is_least_privilege(rendered: tuple[str, list[dict[str, Any]]]) -> 
     } == {
         ("discovery.k8s.io", "endpointslices"),
         ("", "pods"),
+        ("shoal.dev", "models"),
+        ("shoal.dev", "loraadapters"),
     }
     assert all(set(r["verbs"]) == {"get", "list", "watch"} for r in router["rules"])
 

@@ -62,8 +62,8 @@ def spawn(proc_dir: Path) -> Iterator[Any]:
     started: list[Proc] = []
 
     class Spawner:
-        def sim(self, *extra: str, kv_events: bool = False) -> Sim:
-            s = Sim(proc_dir, *extra, kv_events=kv_events)
+        def sim(self, *extra: str, kv_events: bool = False, port: int | None = None) -> Sim:
+            s = Sim(proc_dir, *extra, kv_events=kv_events, port=port)
             started.append(s)
             return s.wait()
 

@@ -91,8 +91,10 @@ def wait_http(url: str, proc: Proc, timeout_s: float = 30.0) -> None:
 
 
 class Sim(Proc):
-    def __init__(self, tmp: Path, *extra: str, kv_events: bool = False) -> None:
-        self.port = free_port()
+    def __init__(
+        self, tmp: Path, *extra: str, kv_events: bool = False, port: int | None = None
+    ) -> None:
+        self.port = port if port is not None else free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [*SIM_ARGS, *extra]
         if kv_events:

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from shoal.router.metrics import RouterMetrics, sample_value
+
+
+def test_series_of_an_endpoint_that_left_are_removed() -> None:
+    metrics = RouterMetrics()
+    metrics.count_request("m", "http://a:1", "200")
+    metrics.count_request("m", "http://a:1", "500")
+    metrics.count_request("m", "http://b:1", "200")
+    metrics.count_request("m", "", "503")
+    metrics.ejections.labels("http://a:1").inc()
+    metrics.forget_endpoint("http://a:1")
+    metrics.forget_endpoint("http://never-seen:1")  # harmless
+    text = metrics.render().decode()
+    assert "http://a:1" not in text
+    assert sample_value(text, "shoal_router_requests_total", {"endpoint": "http://b:1"}) == 1.0
+    assert sample_value(text, "shoal_router_requests_total", {"status": "503"}) == 1.0
+
+
+def test_held_requests_gauge_reads_the_hold_queue() -> None:
+    metrics = RouterMetrics()
+    metrics.watch_state(dict, dict, dict, lambda: None, lambda: {"llama": 3})
+    text = metrics.render().decode()
+    assert sample_value(text, "shoal_router_held_requests", {"model": "llama"}) == 3.0

@@ -109,7 +109,7 @@ def declarations_from_resources(
         spec = obj.get("spec")
         if not isinstance(meta, Mapping) or not isinstance(spec, Mapping):
             continue
-        base = served_by_resource.get(str(spec.get("model")))
+        base = served_by_resource.get(str(spec.get("baseModel")))
         if base is not None and meta.get("name"):
             out.setdefault(str(meta["name"]), base)
     return out

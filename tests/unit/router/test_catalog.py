@@ -13,7 +13,7 @@ def _model(name: str, served: str | None = None, source: str = "org/weights") ->
 
 
 def _adapter(name: str, base: str) -> dict[str, Any]:
-    return {"metadata": {"name": name}, "spec": {"model": base, "source": "file:///x"}}
+    return {"metadata": {"name": name}, "spec": {"baseModel": base, "source": "file:///x"}}
 
 
 def test_resources_become_served_names_with_parents() -> None:

@@ -1,0 +1,210 @@
+"""``slo``: size each pool from its SLO, a rate forecast and the performance model.
+
+Every tick:
+
+1. Forecast the arrival rate for when a replica started now would serve (``lead_time_s``,
+   the pool's start-up time) with Holt's linear trend (``shoal.autoscaler.forecast``); size for
+   the larger of the smoothed level and that forecast, plus burst headroom.
+2. Ask the capacity model (``shoal.autoscaler.sizing``: the simulator's roofline) for the fewest
+   replicas whose TTFT and TPOT percentiles meet the SLO at that rate and the observed token
+   lengths, with the model's latencies multiplied by correction factors: EWMAs of observed /
+   predicted latency at the fleet's current operating point, learned only while the fleet is
+   steady (all replicas ready, nothing held at the router).
+3. Fast path for bursts that the windowed rate has not caught yet: a growing engine queue adds
+   the replicas that would drain it within a lead time; KV saturation adds at least one.
+4. Scale up at once. Scale down only to the count that would still meet the SLO with
+   ``hysteresis`` more load (so up and down thresholds differ) and only once every recommendation
+   over the last ``scale_down_delay_s`` allowed it (the highest of them is taken).
+5. Scale to zero when the Model allows it (``min_replicas == 0``) after no request arrived,
+   ran or waited for ``scale_down_delay_s``; scale from zero on any request the router holds.
+
+Incomplete observations (missing or NaN load signals) hold the current target.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from shoal.autoscaler.forecast import HoltForecaster
+from shoal.autoscaler.policies.common import decision, hold, value
+from shoal.autoscaler.policies.window import TimeWindow
+from shoal.autoscaler.policy import Decision, Observation, PoolSpec
+from shoal.autoscaler.sizing import CapacityModel
+
+# A Llama-3.1-8B replica is ready ~100 s after it is scheduled (sim.autoscaled's start-up model);
+# the live loop passes the pool's own figure when it knows it.
+DEFAULT_LEAD_TIME_S = 120.0
+DEFAULT_HEADROOM = 0.1
+DEFAULT_HYSTERESIS = 0.15
+DEFAULT_SCALE_DOWN_DELAY_S = 300.0
+CORRECTION_ALPHA = 0.2
+# Observed/predicted ratios outside this range are an overload or a cold fleet, not model error.
+CORRECTION_BOUNDS = (0.5, 3.0)
+KV_SATURATED = 0.92
+# Waiting requests per ready replica that count as a queue worth acting on.
+QUEUE_FAST_PATH = 8.0
+# Token lengths to size with before any were observed (the Azure conversation trace's means).
+PRIOR_PROMPT_TOKENS = 1155.0
+PRIOR_OUTPUT_TOKENS = 211.0
+
+
+class SloPolicy:
+    name = "slo"
+
+    def __init__(
+        self,
+        *,
+        lead_time_s: float = DEFAULT_LEAD_TIME_S,
+        headroom: float = DEFAULT_HEADROOM,
+        hysteresis: float = DEFAULT_HYSTERESIS,
+        scale_down_delay_s: float = DEFAULT_SCALE_DOWN_DELAY_S,
+        capacity: CapacityModel | None = None,
+    ) -> None:
+        self.lead_time_s = lead_time_s
+        self.headroom = headroom
+        self.hysteresis = hysteresis
+        self.scale_down_delay_s = scale_down_delay_s
+        self._capacity = capacity
+        self._capacity_key: tuple[str, str, int] | None = None
+        self._forecast = HoltForecaster()
+        self._recommendations = TimeWindow(max(scale_down_delay_s, 1e-9))
+        self._ttft_correction = 1.0
+        self._tpot_correction = 1.0
+        self._prompt = PRIOR_PROMPT_TOKENS
+        self._output = PRIOR_OUTPUT_TOKENS
+        self._last_busy_s: float | None = None
+        self._last_waiting = 0.0
+
+    def _model(self, spec: PoolSpec) -> CapacityModel:
+        key = (spec.model, spec.gpu, spec.gpus_per_replica)
+        if self._capacity is None or (self._capacity_key is not None and key != self._capacity_key):
+            self._capacity = CapacityModel(spec.model, spec.gpu, spec.gpus_per_replica)
+            self._capacity_key = key
+        return self._capacity
+
+    def _needed(self, spec: PoolSpec, cap: CapacityModel, rate: float) -> int:
+        limit = spec.max_replicas if spec.max_replicas is not None else 10_000
+        return cap.replicas_needed(
+            rate,
+            self._prompt,
+            self._output,
+            spec.ttft_slo_s,
+            spec.tpot_slo_s,
+            ttft_factor=self._ttft_correction,
+            tpot_factor=self._tpot_correction,
+            limit=max(limit, 1),
+        )
+
+    def _correct(self, spec: PoolSpec, cap: CapacityModel, obs: Observation, rate: float) -> None:
+        """Learn observed/predicted latency while the fleet is steady and serving."""
+        steady = (
+            obs.ready_replicas > 0
+            and obs.ready_replicas == obs.desired_replicas
+            and obs.router_held == 0
+            and rate > 0
+        )
+        if not steady:
+            return
+        load = cap.replica_load(rate / obs.ready_replicas, self._prompt, self._output)
+        if not load.feasible:
+            return
+        lo, hi = CORRECTION_BOUNDS
+        if obs.ttft_s is not None and math.isfinite(obs.ttft_s) and obs.ttft_s > 0:
+            ratio = min(max(obs.ttft_s / (load.ttft_s * cap.ttft_tail), lo), hi)
+            self._ttft_correction += CORRECTION_ALPHA * (ratio - self._ttft_correction)
+        if obs.tpot_s is not None and math.isfinite(obs.tpot_s) and obs.tpot_s > 0:
+            ratio = min(max(obs.tpot_s / (load.tpot_s * cap.tpot_tail), lo), hi)
+            self._tpot_correction += CORRECTION_ALPHA * (ratio - self._tpot_correction)
+
+    def decide(self, spec: PoolSpec, obs: Observation) -> Decision:
+        current = obs.desired_replicas
+        if not obs.is_complete():
+            return hold(spec, obs)
+        now = obs.time_s
+        rate = value(obs.request_rate)
+        waiting = value(obs.waiting)
+        running = value(obs.running)
+        cap = self._model(spec)
+        if obs.prompt_tokens_mean is not None and math.isfinite(obs.prompt_tokens_mean):
+            self._prompt = max(obs.prompt_tokens_mean, 1.0)
+        if obs.output_tokens_mean is not None and math.isfinite(obs.output_tokens_mean):
+            self._output = max(obs.output_tokens_mean, 1.0)
+        self._forecast.update(now, rate)
+        self._correct(spec, cap, obs, rate)
+        if rate > 0 or waiting > 0 or running > 0 or obs.router_held > 0:
+            self._last_busy_s = now
+        if self._last_busy_s is None:
+            self._last_busy_s = now
+
+        level = self._forecast.level or 0.0
+        ahead = self._forecast.forecast(self.lead_time_s) or 0.0
+        sizing_rate = max(level, ahead, 0.0) * (1.0 + self.headroom)
+        reason = "slo: forecast"
+        # Fast path: a queue that grows is load the rate window has not shown yet; size for
+        # draining it within one lead time on top of the arrivals.
+        backlog = waiting + obs.router_held
+        ready = obs.ready_replicas
+        if backlog > QUEUE_FAST_PATH * max(ready, 1) and waiting >= self._last_waiting:
+            sizing_rate += backlog / self.lead_time_s
+            reason = "slo: queue growing"
+        self._last_waiting = waiting
+        up = self._needed(spec, cap, sizing_rate)
+        if value(obs.kv_usage) >= KV_SATURATED and up <= current:
+            up, reason = current + 1, "slo: kv saturated"
+        if obs.router_held > 0 and up < 1:
+            up, reason = 1, "slo: scale from zero"
+        # Scale-down candidate: what would still meet the SLO with `hysteresis` more load.
+        down = max(up, self._needed(spec, cap, sizing_rate * (1.0 + self.hysteresis)))
+        if sizing_rate <= 0 and backlog <= 0 and running <= 0:
+            idle_for = now - self._last_busy_s
+            down = 0 if idle_for >= self.scale_down_delay_s else max(current, 1)
+            up = 0
+        candidate = min(down, current) if down < current else max(up, min(down, current))
+        if up > current:
+            candidate = up
+        self._recommendations.add(now, float(candidate))
+        target = candidate
+        if candidate < current:
+            # Down only as far as every recommendation over the delay allowed.
+            highest = int(self._recommendations.max(now) or candidate)
+            target = min(current, max(candidate, highest))
+            reason = "slo: scale down" if target < current else "slo: scale-down delay"
+            if target == 0:
+                reason = "slo: idle, scale to zero"
+        elif candidate == current:
+            reason = f"{reason} (steady)" if up <= current else reason
+        return decision(
+            spec,
+            target,
+            reason,
+            rate=rate,
+            sizing_rate=sizing_rate,
+            up=up,
+            down=down,
+            ttft_correction=self._ttft_correction,
+            tpot_correction=self._tpot_correction,
+        )
+
+    def export_state(self) -> dict[str, Any]:
+        return {
+            "forecast": self._forecast.export_state(),
+            "recommendations": self._recommendations.export(),
+            "ttft_correction": self._ttft_correction,
+            "tpot_correction": self._tpot_correction,
+            "prompt": self._prompt,
+            "output": self._output,
+            "last_busy_s": self._last_busy_s,
+            "last_waiting": self._last_waiting,
+        }
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        self._forecast.import_state(state.get("forecast", {}))
+        self._recommendations.restore(state.get("recommendations", []))
+        self._ttft_correction = float(state.get("ttft_correction", 1.0))
+        self._tpot_correction = float(state.get("tpot_correction", 1.0))
+        self._prompt = float(state.get("prompt", PRIOR_PROMPT_TOKENS))
+        self._output = float(state.get("output", PRIOR_OUTPUT_TOKENS))
+        busy = state.get("last_busy_s")
+        self._last_busy_s = None if busy is None else float(busy)
+        self._last_waiting = float(state.get("last_waiting", 0.0))

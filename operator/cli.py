@@ -23,6 +23,9 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from shoal.operator.handlers import OperatorOptions, build_registry, load_kubernetes_config
+from shoal.operator.lora_handlers import LoraOptions, register_lora_handlers
+from shoal.operator.lora_metrics import LoraMetrics
+from shoal.operator.lora_sources import DEFAULT_CACHE_DIR, DEFAULT_PVC_ROOT, FetchLimits
 from shoal.operator.metrics import OperatorMetrics
 
 log = logging.getLogger("shoal.operator")
@@ -91,6 +94,42 @@ def add_operator_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="re-reconcile every Model this often (level-triggered safety net)",
     )
+    lora = parser.add_argument_group("LoRA adapters")
+    lora.add_argument(
+        "--lora-cache-dir",
+        type=Path,
+        default=DEFAULT_CACHE_DIR,
+        metavar="DIR",
+        help="shared adapter cache: downloads land here; engines must see it at the same path",
+    )
+    lora.add_argument(
+        "--lora-pvc-root",
+        type=Path,
+        default=DEFAULT_PVC_ROOT,
+        metavar="DIR",
+        help="where engines mount the claims of pvc:// sources (ROOT/CLAIM/PATH)",
+    )
+    lora.add_argument(
+        "--lora-plain-http-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="fetch https:// sources of this host over plain HTTP (a TLS-less mirror; repeatable)",
+    )
+    lora.add_argument(
+        "--lora-resync-interval",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="compare every engine's /v1/models with the placement this often",
+    )
+    lora.add_argument(
+        "--lora-max-bytes",
+        type=int,
+        default=FetchLimits().max_bytes,
+        metavar="N",
+        help="largest adapter download or unpacked archive, in bytes",
+    )
     # SUPPRESS: as a `shoal` subcommand, an unset flag must not override the top-level --log-level
     parser.add_argument(
         "--log-level", default=argparse.SUPPRESS, help="logging level (default INFO)"
@@ -156,6 +195,17 @@ async def _serve(args: argparse.Namespace, namespaces: list[str], priority: int)
             metrics=metrics,
             cluster_scanning=bool(args.all_namespaces),
         )
+    )
+    register_lora_handlers(
+        registry,
+        LoraOptions(
+            cache_dir=args.lora_cache_dir,
+            pvc_root=args.lora_pvc_root,
+            plain_http_hosts=frozenset(args.lora_plain_http_host),
+            limits=FetchLimits(max_bytes=args.lora_max_bytes),
+            resync_interval_s=args.lora_resync_interval,
+        ),
+        LoraMetrics(metrics.registry),
     )
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
     await kopf.operator(

@@ -40,10 +40,10 @@ MAX_LORA_RANK = 512  # vLLM's largest supported max_lora_rank
 # matches() is RE2; this pattern uses nothing RE2 lacks).
 SOURCE_PATTERN = (
     r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?"
-    r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?"
-    r"|https://[^\s/]+/[^\s]*"
-    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?"
-    r"|file:///[^\s]*)$"
+    r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^ ]*)?"
+    r"|https://[^ /]+/[^ ]*"
+    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^ ]*)?"
+    r"|file:///[^ ]*)$"
 )
 _SOURCE_ADVICE = (
     "source must be hf://org/name[@revision], s3://bucket/prefix, https://host/archive, "

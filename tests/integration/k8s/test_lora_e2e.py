@@ -1,0 +1,219 @@
+"""LoRA adapters end to end on the local Kubernetes cluster: the operator (a real process) places
+20 LoraAdapters with replicas 2 on a Model's 4 engine pods (``shoal sim`` served by the pod
+runner), loads them through the engines' API, reports status from their ``/v1/models``, reloads
+a lost pod's adapters (on the survivors and its replacement), unloads a deleted adapter
+everywhere, and reports bad adapters as conditions and Events while the others are unaffected.
+
+The adapter files are directories under the test's temporary directory, named by ``file://``
+sources: the operator and the simulated engines both run on this host, so they see the same
+paths (on a real cluster that is the shared adapter cache volume).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from k8s_local_cluster import REPO, Cluster
+from test_local_cluster import wait_for
+from test_operator import OperatorProcess, get, items
+
+CRDS = [
+    REPO / "charts" / "shoal" / "crds" / "models.shoal.dev.yaml",
+    REPO / "charts" / "shoal" / "crds" / "loraadapters.shoal.dev.yaml",
+    REPO / "operator" / "crds" / "kopf-peering.yaml",
+]
+ADAPTERS = 20
+PODS = 4
+MAX_LORAS = 12
+
+
+@pytest.fixture(scope="module")
+def lora_crds(k8s_cluster: Cluster) -> None:
+    for path in CRDS:
+        k8s_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    for name in ("models.shoal.dev", "loraadapters.shoal.dev", "kopfpeerings.kopf.dev"):
+        k8s_cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+
+
+@pytest.fixture
+def operator(
+    k8s_cluster: Cluster, k8s_namespace: str, lora_crds: None, tmp_path: Path
+) -> Iterator[OperatorProcess]:
+    args = [
+        "--namespace", k8s_namespace, "--health-port", "0", "--resync-interval", "3",
+        "--standalone", "--lora-resync-interval", "2",
+        "--lora-cache-dir", str(tmp_path / "lora-cache"),
+    ]  # fmt: skip
+    op = OperatorProcess(k8s_cluster, tmp_path / "operator.log", *args)
+    yield op
+    op.stop()
+    print(op.text()[-3000:])
+
+
+def model(name: str, replicas: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "shoal.dev/v1alpha1",
+        "kind": "Model",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "servedName": name},
+            "engine": {"kind": "vllm"},
+            "maxModelLen": 4096,
+            "pools": [{"name": "h100", "gpuType": "H100", "replicas": replicas, "maxReplicas": 8}],
+            "lora": {"enabled": True, "maxLoras": MAX_LORAS, "maxLoraRank": 16},
+        },
+    }
+
+
+def adapter(name: str, base: str, source: str, replicas: int | str = 2, rank: int = 8) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "shoal.dev/v1alpha1",
+            "kind": "LoraAdapter",
+            "metadata": {"name": name},
+            "spec": {"baseModel": base, "source": source, "replicas": replicas, "rank": rank},
+        }
+    )
+
+
+def engine_pods(cluster: Cluster, ns: str) -> dict[str, str]:
+    """Running engine pod name -> ip:port."""
+    pods = items(cluster, ns, "pods", "-l", "shoal.dev/model=llama,shoal.dev/component=engine")
+    return {
+        p["metadata"]["name"]: f"{p['status']['podIP']}:8000"
+        for p in pods
+        if p["status"].get("podIP") and not p["metadata"].get("deletionTimestamp")
+    }
+
+
+def engines_truth(cluster: Cluster, pods: dict[str, str]) -> dict[str, set[str]]:
+    """What each engine's /v1/models lists as adapters."""
+    out = {}
+    with cluster.netns(), httpx.Client(timeout=5) as http:
+        for name, ep in pods.items():
+            cards = http.get(f"http://{ep}/v1/models").json()["data"]
+            out[name] = {c["id"] for c in cards if c.get("parent")}
+    return out
+
+
+def adapters_status(cluster: Cluster, ns: str) -> dict[str, dict[str, Any]]:
+    return {
+        a["metadata"]["name"]: a.get("status") or {} for a in items(cluster, ns, "loraadapters")
+    }
+
+
+def all_ready(cluster: Cluster, ns: str, names: list[str], pods: int) -> dict[str, Any] | None:
+    st = adapters_status(cluster, ns)
+    ok = all(
+        st.get(n, {}).get("phase") == "Ready"
+        and st[n].get("loadedReplicas") == 2
+        and len(engine_pods(cluster, ns)) == pods
+        for n in names
+    )
+    return st if ok else None
+
+
+def two_each(truth: dict[str, set[str]], names: list[str]) -> dict[str, set[str]] | None:
+    ok = all(sum(n in loaded for loaded in truth.values()) == 2 for n in names)
+    return truth if ok else None
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
+
+
+def test_lora_adapters_end_to_end(
+    k8s_cluster: Cluster, k8s_namespace: str, operator: OperatorProcess, tmp_path: Path
+) -> None:
+    cluster, ns = k8s_cluster, k8s_namespace
+    names = [f"adapter-{i:02d}" for i in range(ADAPTERS)]
+    for n in names:
+        (tmp_path / "adapters" / n).mkdir(parents=True)
+        (tmp_path / "adapters" / n / "adapter_config.json").write_text('{"r": 8}')
+    cluster.apply(model("llama", PODS), ns)
+    docs = [adapter(n, "llama", f"file://{tmp_path}/adapters/{n}") for n in names]
+    # bad input next to good: rank above the Model's limit, an unknown base, a missing source
+    docs += [
+        adapter("too-big", "llama", f"file://{tmp_path}/adapters/{names[0]}", rank=64),
+        adapter("orphan", "no-such-model", f"file://{tmp_path}/adapters/{names[0]}"),
+        adapter("missing", "llama", f"file://{tmp_path}/adapters/not-there"),
+    ]
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input="\n---\n".join(docs))
+
+    # every adapter on exactly 2 pods within maxLoras, as the engines themselves report
+    status = wait_for("20 adapters Ready on 2 pods", lambda: all_ready(cluster, ns, names, 4), 240)
+    pods = engine_pods(cluster, ns)
+    truth = engines_truth(cluster, pods)
+    for n in names:
+        holders = {p for p, loaded in truth.items() if n in loaded}
+        assert len(holders) == 2, (n, holders)
+        assert set(status[n]["loadedPods"]) == holders
+        assert status[n]["desiredReplicas"] == 2
+    for pod, loaded in truth.items():
+        assert len(loaded) <= MAX_LORAS, (pod, loaded)
+        assert loaded <= set(names)  # nothing bad was loaded anywhere
+    assert sum(len(v) for v in truth.values()) == 2 * ADAPTERS
+
+    # bad input: a condition with a reason and an Event; no crash
+    expected = {
+        "too-big": "RankTooLarge",
+        "orphan": "UnknownBaseModel",
+        "missing": "SourceUnavailable",
+    }
+    for n, reason in expected.items():
+        st = wait_for(
+            f"{n} Failed",
+            lambda n=n: (s if (s := adapters_status(cluster, ns).get(n, {})).get("phase")
+                         == "Failed" else None),
+            60,
+        )  # fmt: skip
+        assert condition(st, "Degraded")["reason"] == reason, st
+        assert condition(st, "Ready")["status"] == "False"
+    events = cluster.kubectl("get", "events", "-n", ns, "-o", "json")
+    reasons = {(e["involvedObject"]["name"], e["reason"]) for e in json.loads(events)["items"]}
+    for n, reason in expected.items():
+        assert (n, reason) in reasons, reasons
+    assert operator.alive()
+    table = cluster.kubectl("get", "loraadapters", "-n", ns)
+    assert "BASE" in table and "LOADED" in table and "PHASE" in table
+    assert "too-big" in table and "Failed" in table
+
+    # delete an engine pod: its replacement reloads what it held
+    victim = sorted(pods)[0]
+    held, before = truth[victim], set(pods)
+    cluster.kubectl("delete", "pod", victim, "-n", ns, "--wait=false")
+    wait_for(
+        "the replacement pod",
+        lambda: len(p := engine_pods(cluster, ns)) == PODS and victim not in p,
+        120,
+    )
+    status = wait_for("all Ready again", lambda: all_ready(cluster, ns, names, 4), 180)
+    pods = engine_pods(cluster, ns)
+    truth = wait_for(
+        "engines agree after the restart", lambda: two_each(engines_truth(cluster, pods), names), 60
+    )
+    (new_pod,) = set(pods) - before
+    # The operator restores the lost replicas at once, on the survivors while they have room
+    # (3 x 12 slots hold 36 of the 40 replicas here); the replacement takes the rest.
+    assert truth[new_pod], "the replacement pod got no adapters"
+    assert truth[new_pod] <= held
+    assert all(len(loaded) <= MAX_LORAS for loaded in truth.values())
+    assert sum(len(v) for v in truth.values()) == 2 * ADAPTERS
+
+    # delete an adapter: unloaded everywhere, then the resource is gone (finalizer released)
+    gone = names[5]
+    cluster.kubectl("delete", "loraadapter", gone, "-n", ns, "--wait=false")
+    wait_for(
+        "the deleted adapter's resource gone",
+        lambda: get(cluster, ns, "loraadapter", gone) is None,
+        90,
+    )
+    truth = engines_truth(cluster, engine_pods(cluster, ns))
+    assert all(gone not in loaded for loaded in truth.values()), truth
+    assert sum(len(v) for v in truth.values()) == 2 * (ADAPTERS - 1)
+    assert operator.alive()

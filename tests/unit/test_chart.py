@@ -251,4 +251,9 @@ def test_monitoring_objects(rendered: tuple[str, list[dict[str, Any]]]) -> None:
 def test_crds_ship_with_the_chart(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     _, docs = rendered
     crds = {d["metadata"]["name"] for d in _by_kind(docs, "CustomResourceDefinition")}
-    assert crds == {"models.shoal.dev", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
+    assert crds == {
+        "models.shoal.dev",
+        "loraadapters.shoal.dev",
+        "kopfpeerings.kopf.dev",
+        "clusterkopfpeerings.kopf.dev",
+    }

@@ -243,7 +243,7 @@ def test_monitoring_objects(rendered: tuple[str, list[dict[str, Any]]]) -> None:
             and port in {p["name"] for p in s["spec"]["ports"]}
         ]
         assert len(matching) == 1, mon["metadata"]["name"]
-    rule = _by_kind(docs, "PrometheusRule")[0]
+    rule = _one(docs, "PrometheusRule", "shoal")  # the alerts (not the autoscaler's records)
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
     assert {"ShoalRouterDown", "ShoalOperatorDown", "ShoalEngineQueueBacklog"} <= alerts
 

@@ -18,7 +18,16 @@ How:
    is the least loaded, so it takes back the adapters its predecessor held.
 3. *Fill*: replicas still missing may use any room up to the hard capacity.
 4. *Hot extras*: adapters whose request rate exceeds ``rate_per_replica`` × replicas get more
-   replicas, hottest first, from the room left (never displacing a base replica).
+   replicas, hottest first, from the room left (never displacing a base replica). Extras already
+   loaded are kept while the adapter stays hot, so they do not hop between pods.
+
+*Reserved slots* (pod replacement): when a ready pod vanishes and its pool is below its desired
+replicas, the operator keeps the vanished pod's adapters as a :class:`ReservedSlot` for a grace
+period. A reserved adapter counts toward its replicas, so the survivors do not take it over and
+its replacement pod (a :class:`PodSlots` with ``inherited``: kept as if loaded) gets exactly what
+its predecessor held. Availability comes first: a reserved adapter that no ready pod holds is not
+counted, so it is placed on the survivors at once. Adapters on every pod (``replicas: None``) are
+never reserved: a new pod gets them anyway.
 
 Replicas that cannot be placed are reported per adapter (``unplaced``); the operator turns them
 into an ``InsufficientCapacity`` condition. The cost is O(adapters × pods × log pods).
@@ -45,11 +54,21 @@ class AdapterDemand:
 
 @dataclass(frozen=True)
 class PodSlots:
-    """A ready engine pod: how many adapters it may hold and which it holds now."""
+    """A ready engine pod: how many adapters it may hold, which it holds now, and which it takes
+    over from a vanished predecessor (kept like loaded ones; the operator then loads them)."""
 
     name: str
     capacity: int
     loaded: frozenset[str] = frozenset()
+    inherited: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class ReservedSlot:
+    """The adapters a vanished pod held, kept for its replacement (see the module doc)."""
+
+    name: str
+    adapters: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -59,6 +78,12 @@ class Placement:
     assignment: dict[str, tuple[str, ...]]
     unplaced: dict[str, int] = field(default_factory=dict)
     desired: dict[str, int] = field(default_factory=dict)
+    # reserved slot -> the adapters it still holds for its replacement pod
+    reserved: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def reserved_for(self, adapter: str) -> int:
+        """Replicas of ``adapter`` waiting in reserved slots for a replacement pod."""
+        return sum(adapter in held for held in self.reserved.values())
 
     def pods_of(self, adapter: str) -> tuple[str, ...]:
         return self.assignment.get(adapter, ())
@@ -77,10 +102,12 @@ def rendezvous_score(adapter: str, pod: str) -> int:
     return int.from_bytes(digest, "big")
 
 
-def _wanted(demand: AdapterDemand, pods: int) -> int:
+def _wanted(demand: AdapterDemand, pods: int, slots: int) -> int:
+    """Replicas to hold: all ready pods for ``None``; else the replicas, capped by the ready pods
+    plus the reserved slots (a slot stands for a pod that is coming back)."""
     if demand.replicas is None:
         return pods
-    return max(0, min(demand.replicas, pods))
+    return max(0, min(demand.replicas, pods + slots))
 
 
 def _hot(demand: AdapterDemand, base: int, pods: int, rate_per_replica: float | None) -> int:
@@ -95,16 +122,19 @@ def place(
     *,
     load_factor: float = DEFAULT_LOAD_FACTOR,
     rate_per_replica: float | None = None,
+    reserved: Sequence[ReservedSlot] = (),
 ) -> Placement:
     """The placement of ``adapters`` on ``pods`` (see the module doc)."""
     if load_factor < 1:
         raise ValueError(f"load_factor must be ≥ 1, got {load_factor}")
     demands = {d.name: d for d in adapters}
     by_name = {p.name: p for p in pods}
+    slots = {s.name: s for s in reserved if s.name not in by_name}
     n = len(by_name)
-    want = {a: _wanted(d, n) for a, d in demands.items()}
-    if n == 0:
+    want = {a: _wanted(d, n, len(slots) if n else 0) for a, d in demands.items()}
+    if n == 0:  # nothing serves: a reservation cannot keep anything available
         return Placement({a: () for a in demands}, {a: w for a, w in want.items() if w}, want)
+    extra = {a: _hot(d, want[a], n, rate_per_replica) for a, d in demands.items()}
 
     total_capacity = sum(max(0, p.capacity) for p in by_name.values())
     total_want = sum(want.values())
@@ -132,18 +162,31 @@ def place(
     held: dict[str, set[str]] = {a: set() for a in demands}
     load: dict[str, int] = dict.fromkeys(by_name, 0)
 
-    # 1. keep: per pod, the loaded pairs still wanted, best-ranked first, up to the soft cap;
-    #    then per adapter, at most its replicas (best-ranked kept).
+    # 1. keep: per pod, the loaded (or inherited) pairs still wanted, best-ranked first, up to
+    #    the soft cap; then per adapter, at most its replicas and hot extras (best-ranked kept).
     for name in sorted(by_name):
-        keep = best_adapters((a for a in by_name[name].loaded if want.get(a, 0) > 0), name)
+        pod = by_name[name]
+        keep = best_adapters((a for a in pod.loaded | pod.inherited if want.get(a, 0) > 0), name)
         for adapter in keep[: soft[name]]:
             held[adapter].add(name)
     for adapter, pods_held in held.items():
-        if len(pods_held) > want[adapter]:
-            held[adapter] = set(best_pods(adapter, pods_held)[: want[adapter]])
+        limit = want[adapter] + extra[adapter]
+        if len(pods_held) > limit:
+            held[adapter] = set(best_pods(adapter, pods_held)[:limit])
     for pods_held in held.values():
         for name in pods_held:
             load[name] += 1
+
+    # Reserved slots hold their adapters for a replacement pod while a ready pod still serves
+    # the adapter and its replicas are not yet met; they never receive new adapters.
+    waiting: dict[str, set[str]] = {a: set() for a in demands}
+    for slot in sorted(slots.values(), key=lambda s: s.name):
+        for adapter in sorted(slot.adapters):
+            demand = demands.get(adapter)
+            if demand is None or demand.replicas is None or not held[adapter]:
+                continue
+            if len(held[adapter]) + len(waiting[adapter]) < want[adapter]:
+                waiting[adapter].add(slot.name)
 
     def add(adapter: str, missing: int, cap: Mapping[str, int]) -> int:
         if missing <= 0:
@@ -161,19 +204,27 @@ def place(
     # Most-wanted first: an adapter on every pod has the fewest choices.
     order = sorted(demands, key=lambda a: (-want[a], -demands[a].request_rate, a))
     hard = {name: max(0, p.capacity) for name, p in by_name.items()}
+
     # 2. place under the soft cap, 3. fill up to capacity
+    def missing(adapter: str) -> int:
+        return want[adapter] - len(held[adapter]) - len(waiting[adapter])
+
     for cap in (soft, hard):
         for adapter in order:
-            add(adapter, want[adapter] - len(held[adapter]), cap)
+            add(adapter, missing(adapter), cap)
     # 4. hot extras, hottest first, from what room is left
     for adapter in sorted(demands, key=lambda a: (-demands[a].request_rate, a)):
-        extra = _hot(demands[adapter], want[adapter], n, rate_per_replica)
-        add(adapter, extra, hard)
+        add(adapter, missing(adapter) + extra[adapter], hard)
 
     assignment = {a: tuple(sorted(held[a])) for a in demands}
-    unplaced = {a: want[a] - len(held[a]) for a in demands if len(held[a]) < want[a]}
+    unplaced = {a: missing(a) for a in demands if missing(a) > 0}
     desired = {a: max(want[a], len(held[a])) for a in demands}
-    return Placement(assignment, unplaced, desired)
+    kept: dict[str, set[str]] = {}
+    for adapter, names in waiting.items():
+        for slot_name in names:
+            kept.setdefault(slot_name, set()).add(adapter)
+    reserved_out = {s: tuple(sorted(kept.get(s, ()))) for s in sorted(slots)}
+    return Placement(assignment, unplaced, desired, reserved_out)
 
 
 __all__ = [
@@ -181,6 +232,7 @@ __all__ = [
     "AdapterDemand",
     "Placement",
     "PodSlots",
+    "ReservedSlot",
     "place",
     "rendezvous_score",
 ]

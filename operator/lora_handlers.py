@@ -47,10 +47,17 @@ from shoal.api.model import (
     ModelFileError,
     ModelResource,
 )
+from shoal.operator.desired import POOL_LABEL, model_total_replicas, spread_replicas
 from shoal.operator.handlers import Coalescer, model_from_object
 from shoal.operator.lora_loader import EngineLoraClient, EngineLoraError
 from shoal.operator.lora_metrics import LoraMetrics
 from shoal.operator.lora_placement import AdapterDemand, Placement, PodSlots, place
+from shoal.operator.lora_replacement import (
+    DEFAULT_REPLACEMENT_GRACE_S,
+    ReadyPod,
+    ReplacementPlan,
+    ReplacementTracker,
+)
 from shoal.operator.lora_sources import (
     DEFAULT_CACHE_DIR,
     DEFAULT_PVC_ROOT,
@@ -78,6 +85,8 @@ class LoraOptions:
     # anyway, and a wide fan-out would only queue inside it.
     concurrency: int = 32
     engine_timeout_s: float = 30.0
+    # a vanished pod's adapters wait this long (plus its start-up time) for its replacement
+    replacement_grace_s: float = DEFAULT_REPLACEMENT_GRACE_S
 
 
 @dataclass
@@ -88,6 +97,14 @@ class LoraRuntime:
     fetcher: AdapterFetcher
     metrics: LoraMetrics
     coalescer: Coalescer = field(default_factory=Coalescer)
+    replacement_grace_s: float = DEFAULT_REPLACEMENT_GRACE_S
+    # per "namespace/model": the pods seen last round and the slots reserved for replacements
+    trackers: dict[str, ReplacementTracker] = field(default_factory=dict)
+
+    def tracker(self, key: str) -> ReplacementTracker:
+        if key not in self.trackers:
+            self.trackers[key] = ReplacementTracker(self.replacement_grace_s)
+        return self.trackers[key]
 
 
 @dataclass(frozen=True)
@@ -100,6 +117,30 @@ class Problem:
 class EnginePod:
     name: str
     endpoint: str
+    pool: str = ""
+    startup_s: float = 0.0  # creation to Ready: how long a replacement will likely take
+
+
+def _parse_time(value: Any) -> datetime.datetime | None:
+    if isinstance(value, datetime.datetime):
+        return value
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def startup_seconds(pod: Obj) -> float:
+    """Seconds from the pod's creation to its Ready condition (0 when either is unknown)."""
+    created = _parse_time((pod.get("metadata") or {}).get("creationTimestamp"))
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    ready: Obj = next((c for c in conditions if c.get("type") == "Ready"), {})
+    became = _parse_time(ready.get("lastTransitionTime"))
+    if created is None or became is None:
+        return 0.0
+    return max(0.0, (became - created).total_seconds())
 
 
 def _now() -> str:
@@ -170,9 +211,12 @@ def adapter_status(
     ready_pods: int,
     path: str | None,
     now: str,
+    waiting: int = 0,
 ) -> dict[str, Any]:
-    """The status of one adapter from what the engines report (see the module doc)."""
+    """The status of one adapter from what the engines report (see the module doc);
+    ``waiting`` replicas are kept for a replacement pod (the Ready message says so)."""
     loaded = len(loaded_pods)
+    held = f" ({waiting} kept for a replacement pod)" if waiting else ""
     if problem is not None:
         phase = "Failed"
         ready = ("False", problem.reason, problem.message)
@@ -184,7 +228,7 @@ def adapter_status(
             phase, ready = "Ready", ("True", "Loaded", f"loaded on {loaded}/{desired} pods")
         else:
             phase = "Loading" if loaded else "Pending"
-            ready = ("False", "Loading", f"loaded on {loaded}/{desired} pods")
+            ready = ("False", "Loading", f"loaded on {loaded}/{desired} pods{held}")
         if unplaced:
             degraded = (
                 "True",
@@ -258,7 +302,12 @@ async def _engine_pods(api: client.ApiClient, ns: str, model: ModelResource) -> 
     port = model.spec.engine.port
     return sorted(
         (
-            EnginePod(p["metadata"]["name"], f"{p['status']['podIP']}:{port}")
+            EnginePod(
+                p["metadata"]["name"],
+                f"{p['status']['podIP']}:{port}",
+                str((p["metadata"].get("labels") or {}).get(POOL_LABEL, "")),
+                startup_seconds(p),
+            )
             for p in pods
             if pod_ready(p)
         ),
@@ -366,8 +415,33 @@ async def reconcile_model_adapters(
         if name in paths
     ]
     capacity = model.spec.lora.max_loras if model is not None else 0
-    slots = [PodSlots(p.name, capacity, frozenset(loaded[p.name])) for p in reachable]
-    placement = place(demands, slots)
+    tracker = rt.tracker(f"{ns}/{model_name}")
+    pool_size = (
+        spread_replicas(model.spec.pools, model_total_replicas(model)) if model is not None else {}
+    )
+    ready = [ReadyPod(p.name, p.pool, p.startup_s) for p in pods]
+    plan = tracker.plan(time.monotonic(), ready, pool_size, {p.name for p in reachable})
+    slots = [
+        PodSlots(
+            p.name,
+            capacity,
+            frozenset(loaded[p.name]),
+            plan.inherited.get(p.name, frozenset()),
+        )
+        for p in reachable
+    ]
+    placement = place(demands, slots, reserved=plan.reserved)
+    tracker.record(placement, [r for r in ready if r.name in loaded])
+    _log_replacements(logger, ns, model_name, plan, placement)
+    rt.metrics.reserved_slots.labels(ns, model_name).set(len(placement.reserved))
+    for outcome, count in (
+        ("opened", len(plan.opened)),
+        ("claimed", len(plan.claimed)),
+        ("expired", len(plan.expired)),
+        ("released", len(plan.released)),
+    ):
+        if count:
+            rt.metrics.reservations.labels(outcome).inc(count)
     wanted = placement.by_pod()
     endpoint = {p.name: p.endpoint for p in reachable}
     errors: dict[str, dict[str, str]] = {}
@@ -416,6 +490,7 @@ async def reconcile_model_adapters(
             problem=problems.get(name),
             desired=placement.desired.get(name, 0),
             unplaced=placement.unplaced.get(name, 0),
+            waiting=placement.reserved_for(name),
             loaded_pods=holders,
             pod_errors={p: m for p, m in pod_errors.items() if p not in holders},
             ready_pods=len(reachable),
@@ -449,6 +524,29 @@ async def reconcile_model_adapters(
     rt.metrics.unplaced.labels(ns, model_name).set(sum(placement.unplaced.values()))
     rt.metrics.unreachable_engines.labels(ns, model_name).set(len(unreachable))
     return placement
+
+
+def _log_replacements(
+    logger: Logger, ns: str, model: str, plan: ReplacementPlan, placement: Placement
+) -> None:
+    for slot in plan.opened:
+        kept = placement.reserved.get(slot, ())
+        logger.info(
+            "LoRA %s/%s: pod %s vanished; %d adapter(s) kept for its replacement",
+            ns, model, slot, len(kept),
+        )  # fmt: skip
+    for pod, slot in plan.claimed.items():
+        logger.info("LoRA %s/%s: pod %s takes over %s's adapters", ns, model, pod, slot)
+    for slot in plan.expired:
+        logger.warning(
+            "LoRA %s/%s: no replacement for pod %s within the grace period; its adapters are "
+            "placed on the other pods", ns, model, slot,
+        )  # fmt: skip
+    for slot in plan.released:
+        logger.info(
+            "LoRA %s/%s: pool of pod %s is back at size without it (scaled down); its adapters "
+            "are placed on the other pods", ns, model, slot,
+        )  # fmt: skip
 
 
 async def still_loaded(rt: LoraRuntime, ns: str, model_name: str, adapter: str) -> list[str]:
@@ -493,6 +591,7 @@ def register_lora_handlers(
                 plain_http_hosts=opts.plain_http_hosts,
             ),
             metrics=metrics,
+            replacement_grace_s=opts.replacement_grace_s,
         )
 
     @kopf.on.cleanup(registry=registry)

@@ -52,3 +52,16 @@ class LoraMetrics:
             ["namespace", "model"],
             registry=reg,
         )
+        self.reserved_slots = Gauge(
+            "shoal_operator_lora_reserved_slots",
+            "Vanished engine pods whose adapters are kept for their replacement pod",
+            ["namespace", "model"],
+            registry=reg,
+        )
+        self.reservations = Counter(
+            "shoal_operator_lora_reservations_total",
+            "Reserved slots by outcome: opened (a pod vanished), claimed (its replacement took "
+            "its adapters), expired (no replacement in time), released (its pool scaled down)",
+            ["outcome"],
+            registry=reg,
+        )

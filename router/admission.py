@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from shoal.router.types import Priority
@@ -125,6 +126,17 @@ class _ModelQueue:
     )
     size: int = 0
     in_transit: int = 0
+    # Mean gap between releases of waiters (an exponentially weighted moving average, seconds):
+    # its inverse is the drain rate that Retry-After is estimated from. 0: nothing released yet.
+    release_gap_s: float = 0.0
+    last_release: float | None = None
+
+    def note_release(self, now: float) -> None:
+        if self.last_release is not None:
+            gap = max(now - self.last_release, 1e-3)
+            old = self.release_gap_s
+            self.release_gap_s = gap if old == 0.0 else 0.8 * old + 0.2 * gap
+        self.last_release = now
 
     def backlogged(self, tenant: str) -> bool:
         return any(tenant in tenants for tenants in self.classes.values())
@@ -207,6 +219,7 @@ class AdmissionController:
         has_capacity: Callable[[str], bool],
         *,
         max_queue: int = 1024,
+        queue_limits: Mapping[str, int] | None = None,
         timeout_s: Callable[[Priority], float] = lambda p: 30.0,
         tenant_weight: Callable[[str], float] = lambda t: 1.0,
         input_weight: float = DEFAULT_INPUT_WEIGHT,
@@ -218,6 +231,7 @@ class AdmissionController:
     ) -> None:
         self._has_capacity = has_capacity
         self.max_queue = max_queue
+        self._queue_limits = dict(queue_limits or {})
         self._timeout_s = timeout_s
         self._tenant_weight = tenant_weight
         self._input_weight = input_weight
@@ -242,6 +256,18 @@ class AdmissionController:
                 VirtualTokenCounters(self._input_weight, self._output_weight, self._max_tenants)
             )
         return q
+
+    def queue_limit(self, model: str) -> int:
+        """How many requests may wait for ``model`` (its own limit, else the default)."""
+        return self._queue_limits.get(model, self.max_queue)
+
+    def retry_after(self, model: str) -> int:
+        """Seconds a refused client should wait: the time the queue takes to drain at its
+        recent release rate, within [default, 60]; the default when nothing drained yet."""
+        q = self._queues.get(model)
+        if q is None or q.release_gap_s <= 0.0:
+            return self._retry_after_s
+        return max(self._retry_after_s, min(60, math.ceil(q.size * q.release_gap_s)))
 
     def depth(self, model: str) -> int:
         q = self._queues.get(model)
@@ -268,12 +294,12 @@ class AdmissionController:
         if q.size == 0 and q.in_transit == 0 and self._has_capacity(model):
             q.counters.charge(tenant, prompt_tokens, output_tokens, weight, q.backlogged)
             return Ticket(None, model, 0.0)
-        if q.size >= self.max_queue:
+        if q.size >= self.queue_limit(model):
             victim = q.newest_below(priority)
             if victim is None:
-                raise Rejected("queue_full", self._retry_after_s)
+                raise Rejected("queue_full", self.retry_after(model))
             q.remove(victim)
-            victim.future.set_exception(Rejected("shed", self._retry_after_s))
+            victim.future.set_exception(Rejected("shed", self.retry_after(model)))
         if not q.backlogged(tenant):
             floor = q.min_backlogged_counter(tenant)
             q.counters.lift(
@@ -296,11 +322,11 @@ class AdmissionController:
             await asyncio.wait_for(asyncio.shield(w.future), self._timeout_s(priority))
         except TimeoutError:
             if q.remove(w):
-                raise Rejected("queue_timeout", self._retry_after_s) from None
+                raise Rejected("queue_timeout", self.retry_after(model)) from None
             if w.future.done() and w.future.exception() is None:
                 # Woken in the same instant the timeout fired: it holds the transit slot.
                 return Ticket(self, model, self._clock() - started)
-            raise Rejected("queue_timeout", self._retry_after_s) from None
+            raise Rejected("queue_timeout", self.retry_after(model)) from None
         except asyncio.CancelledError:
             # The client went away while waiting.
             if not q.remove(w) and w.future.done() and w.future.exception() is None:
@@ -319,6 +345,7 @@ class AdmissionController:
                 continue
             q.counters.charge(w.tenant, w.prompt_tokens, w.output_tokens, w.weight, q.backlogged)
             q.in_transit += 1
+            q.note_release(self._clock())
             w.future.set_result(None)
 
     def pump_all(self) -> None:

@@ -117,6 +117,9 @@ def build_components(
     admission = AdmissionController(
         has_capacity,
         max_queue=config.queue_size,
+        queue_limits={
+            name: m.queue_size for name, m in config.models.items() if m.queue_size is not None
+        },
         timeout_s=config.queue_timeouts.for_priority,
         tenant_weight=lambda tenant: weights.get(tenant, 1.0),
         max_tenants=config.max_tenants,

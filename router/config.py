@@ -47,6 +47,8 @@ class ModelRoutingConfig(_Strict):
 
     strategy: str = "prefix"
     weights: dict[str, float] = Field(default_factory=dict)
+    # Requests that may wait for this model's capacity (default: the router's queue_size).
+    queue_size: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _valid(self) -> ModelRoutingConfig:

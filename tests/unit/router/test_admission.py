@@ -123,3 +123,42 @@ def test_idle_tenant_does_not_bank_credit() -> None:
     assert counters.get("b") == counters.get("a")
     counters.charge("c", 1, 0, 1.0, lambda t: False)
     assert len(counters) == 2  # bounded
+
+
+def test_per_model_queue_limit_and_retry_after_from_the_drain_rate() -> None:
+    now = [0.0]
+
+    async def main() -> None:
+        cap = Capacity(0)
+        ac = AdmissionController(
+            cap, max_queue=100, queue_limits={"small": 1}, clock=lambda: now[0]
+        )
+        assert ac.queue_limit("small") == 1 and ac.queue_limit("other") == 100
+        held = asyncio.create_task(ac.admit("small", "t", Priority.STANDARD, 1, 1))
+        await asyncio.sleep(0)
+        with pytest.raises(Rejected) as refused:
+            await ac.admit("small", "t", Priority.STANDARD, 1, 1)
+        assert refused.value.reason == "queue_full"
+        assert refused.value.retry_after_s == 1  # nothing drained yet: the default
+        waiting = [
+            asyncio.create_task(ac.admit("other", "t", Priority.STANDARD, 1, 1)) for _ in range(10)
+        ]
+        await asyncio.sleep(0)
+        # One waiter released every 4 s.
+        for _ in range(3):
+            cap.slots = 1
+            ac.pump("other")
+            cap.slots = 0
+            for _ in range(3):
+                await asyncio.sleep(0)
+            released = next(t for t in waiting if t.done())
+            waiting.remove(released)
+            released.result().dispatched()
+            now[0] += 4.0
+        assert ac.depth("other") == 7
+        assert ac.retry_after("other") == 7 * 4  # 7 waiting × 4 s between releases
+        for t in [*waiting, held]:
+            t.cancel()
+        await asyncio.gather(*waiting, held, return_exceptions=True)
+
+    asyncio.run(main())

@@ -22,9 +22,11 @@ import kopf
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from shoal.operator.desired import AdapterVolumes
 from shoal.operator.handlers import OperatorOptions, build_registry, load_kubernetes_config
 from shoal.operator.lora_handlers import LoraOptions, register_lora_handlers
 from shoal.operator.lora_metrics import LoraMetrics
+from shoal.operator.lora_replacement import DEFAULT_REPLACEMENT_GRACE_S
 from shoal.operator.lora_sources import DEFAULT_CACHE_DIR, DEFAULT_PVC_ROOT, FetchLimits
 from shoal.operator.metrics import OperatorMetrics
 
@@ -109,6 +111,21 @@ def add_operator_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="where engines mount the claims of pvc:// sources (ROOT/CLAIM/PATH)",
     )
+    cache = lora.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--lora-cache-claim",
+        default=None,
+        metavar="CLAIM",
+        help="ReadWriteMany PersistentVolumeClaim holding the adapter cache: LoRA engine pods "
+        "mount it read-only at --lora-cache-dir (it must exist in each Model's namespace)",
+    )
+    cache.add_argument(
+        "--lora-cache-host-path",
+        default=None,
+        metavar="DIR",
+        help="fallback: LoRA engine pods mount this node directory at --lora-cache-dir (a "
+        "single node, or a directory every node mounts from shared storage)",
+    )
     lora.add_argument(
         "--lora-plain-http-host",
         action="append",
@@ -124,6 +141,14 @@ def add_operator_arguments(parser: argparse.ArgumentParser) -> None:
         help="compare every engine's /v1/models with the placement this often",
     )
     lora.add_argument(
+        "--lora-replacement-grace",
+        type=float,
+        default=DEFAULT_REPLACEMENT_GRACE_S,
+        metavar="S",
+        help="when a ready engine pod vanishes and its pool is short, keep its adapters for its "
+        "replacement this long plus the pod's start-up time, then place them on the others",
+    )
+    lora.add_argument(
         "--lora-max-bytes",
         type=int,
         default=FetchLimits().max_bytes,
@@ -133,6 +158,24 @@ def add_operator_arguments(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: as a `shoal` subcommand, an unset flag must not override the top-level --log-level
     parser.add_argument(
         "--log-level", default=argparse.SUPPRESS, help="logging level (default INFO)"
+    )
+
+
+def adapter_volumes_from_args(args: argparse.Namespace) -> AdapterVolumes:
+    """The engine pods' adapter mounts from the flags; without a cache volume, say so: the
+    engines then see downloads only if --lora-cache-dir is shared some other way."""
+    if not args.lora_cache_claim and not args.lora_cache_host_path:
+        log.warning(
+            "no --lora-cache-claim or --lora-cache-host-path: LoRA engine pods get no adapter "
+            "cache volume; adapters downloaded into %s reach them only if that directory is "
+            "shared by other means (file:// and pvc:// sources are unaffected)",
+            args.lora_cache_dir,
+        )
+    return AdapterVolumes(
+        cache_dir=str(args.lora_cache_dir),
+        cache_claim=args.lora_cache_claim or None,
+        cache_host_path=args.lora_cache_host_path or None,
+        pvc_root=str(args.lora_pvc_root),
     )
 
 
@@ -194,6 +237,7 @@ async def _serve(args: argparse.Namespace, namespaces: list[str], priority: int)
             peering_lifetime_s=args.peering_lifetime,
             metrics=metrics,
             cluster_scanning=bool(args.all_namespaces),
+            adapter_volumes=adapter_volumes_from_args(args),
         )
     )
     register_lora_handlers(
@@ -204,6 +248,7 @@ async def _serve(args: argparse.Namespace, namespaces: list[str], priority: int)
             plain_http_hosts=frozenset(args.lora_plain_http_host),
             limits=FetchLimits(max_bytes=args.lora_max_bytes),
             resync_interval_s=args.lora_resync_interval,
+            replacement_grace_s=args.lora_replacement_grace,
         ),
         LoraMetrics(metrics.registry),
     )

@@ -8,6 +8,7 @@ state twice changes nothing, which is what makes the reconciler idempotent.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 HTTP_PORT_NAME = "http"
 KV_EVENTS_PORT_NAME = "kv-events"
 HEALTH_PATH = "/health"
+LORA_CACHE_VOLUME = "lora-cache"
+LORA_CLAIM_VOLUME_PREFIX = "lora-pvc-"
 
 
 class UnrealisableSpec(Exception):
@@ -45,6 +48,53 @@ class UnrealisableSpec(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+@dataclass(frozen=True)
+class AdapterVolumes:
+    """How a LoRA Model's engine pods see adapter files: the operator's adapter cache (a
+    ReadWriteMany claim, or a node directory as the fallback) mounted read-only at the same path
+    the operator downloads into, and every ``pvc://`` claim its adapters use at
+    ``<pvc_root>/<claim>``. Set from the operator's ``--lora-*`` flags, not from the Model."""
+
+    cache_dir: str
+    cache_claim: str | None = None
+    cache_host_path: str | None = None
+    pvc_root: str = "/mnt/shoal/pvc"
+    claims: tuple[str, ...] = ()  # pvc:// claims of this Model's adapters, sorted
+
+    def __post_init__(self) -> None:
+        if self.cache_claim and self.cache_host_path:
+            raise ValueError("the adapter cache is a claim or a host path, not both")
+
+
+def claim_volume_name(claim: str) -> str:
+    """A volume name (DNS label, ≤ 63) for a pvc:// claim: claim names run to 253 characters,
+    and a hash keeps the name stable when other claims come and go (no needless rollout)."""
+    return LORA_CLAIM_VOLUME_PREFIX + hashlib.blake2b(claim.encode(), digest_size=6).hexdigest()
+
+
+def adapter_volumes(volumes: AdapterVolumes) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(pod volumes, engine container mounts) for the adapter cache and the pvc:// claims.
+
+    Engines only read adapters, so every mount is read-only; the operator alone writes the cache.
+    """
+    pod: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    cache: dict[str, Any] | None = None
+    if volumes.cache_claim:
+        cache = {"persistentVolumeClaim": {"claimName": volumes.cache_claim, "readOnly": True}}
+    elif volumes.cache_host_path:
+        cache = {"hostPath": {"path": volumes.cache_host_path, "type": "DirectoryOrCreate"}}
+    if cache is not None:
+        pod.append({"name": LORA_CACHE_VOLUME, **cache})
+        mounts.append({"name": LORA_CACHE_VOLUME, "mountPath": volumes.cache_dir, "readOnly": True})
+    root = volumes.pvc_root.rstrip("/")
+    for claim in sorted(set(volumes.claims)):
+        name = claim_volume_name(claim)
+        pod.append({"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": name, "mountPath": f"{root}/{claim}", "readOnly": True})
+    return pod, mounts
 
 
 @dataclass(frozen=True)
@@ -245,7 +295,13 @@ def engine_container(model: ModelResource, pool: GpuPool) -> dict[str, Any]:
     return container
 
 
-def pool_deployment(model: ModelResource, uid: str, pool: GpuPool, replicas: int) -> dict[str, Any]:
+def pool_deployment(
+    model: ModelResource,
+    uid: str,
+    pool: GpuPool,
+    replicas: int,
+    volumes: AdapterVolumes | None = None,
+) -> dict[str, Any]:
     name = model.metadata.name
     labels = pool_labels(name, pool.name)
     match = {MODEL_LABEL: name, POOL_LABEL: pool.name}
@@ -273,6 +329,12 @@ def pool_deployment(model: ModelResource, uid: str, pool: GpuPool, replicas: int
         pod_spec["nodeSelector"] = dict(sorted(pool.node_selector.items()))
     if model.spec.engine.kind is not EngineKind.SIM:
         pod_spec["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    if volumes is not None and model.spec.lora.enabled:
+        extra, mounts = adapter_volumes(volumes)
+        if extra:
+            pod_spec["volumes"] = [*pod_spec.get("volumes", []), *extra]
+            engine = pod_spec["containers"][0]
+            engine["volumeMounts"] = [*engine.get("volumeMounts", []), *mounts]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -339,12 +401,17 @@ def model_service(model: ModelResource, uid: str) -> dict[str, Any]:
     }
 
 
-def desired_state(model: ModelResource, uid: str) -> DesiredState:
+def desired_state(
+    model: ModelResource, uid: str, volumes: AdapterVolumes | None = None
+) -> DesiredState:
     """Everything the model should own; raises :class:`UnrealisableSpec` for a spec that passed
     admission but cannot be realised (every pool is checked before any object is returned, so a
-    bad pool never leaves the others half-updated)."""
+    bad pool never leaves the others half-updated). ``volumes``: how a LoRA Model's engines see
+    adapter files (ignored when the Model does not enable LoRA)."""
     replicas = spread_replicas(model.spec.pools, model_total_replicas(model))
-    deployments = [pool_deployment(model, uid, p, replicas[p.name]) for p in model.spec.pools]
+    deployments = [
+        pool_deployment(model, uid, p, replicas[p.name], volumes) for p in model.spec.pools
+    ]
     return DesiredState(deployments, model_service(model, uid), replicas)
 
 

@@ -19,7 +19,7 @@ import asyncio
 import datetime
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import kopf
@@ -31,11 +31,13 @@ from shoal.operator.desired import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
     MODEL_LABEL,
+    AdapterVolumes,
     DesiredState,
     UnrealisableSpec,
     desired_state,
     stale_deployments,
 )
+from shoal.operator.lora_claims import model_pvc_claims
 from shoal.operator.metrics import OperatorMetrics
 from shoal.operator.status import Problem, compute_status, condition_transitions
 
@@ -56,6 +58,8 @@ class OperatorOptions:
     # Watching named namespaces: do not scan CRDs and namespaces cluster-wide, which the chart's
     # namespaced RBAC forbids (kopf would retry for about a minute before acting).
     cluster_scanning: bool = True
+    # How LoRA Models' engine pods see adapter files (the --lora-* flags); None: no mounts.
+    adapter_volumes: AdapterVolumes | None = None
 
 
 @dataclass
@@ -218,7 +222,13 @@ def _api_problem(exc: ApiException, what: str) -> Problem:
     return Problem(reason, f"{what}: {exc.status} {exc.reason}: {body}")
 
 
-async def reconcile(api: client.ApiClient, ns: str, name: str, logger: Logger) -> None:
+async def reconcile(
+    api: client.ApiClient,
+    ns: str,
+    name: str,
+    logger: Logger,
+    volumes: AdapterVolumes | None = None,
+) -> None:
     """Bring one Model's owned objects and status to what its spec says (see module doc)."""
     try:
         obj = await client.CustomObjectsApi(api).get_namespaced_custom_object(
@@ -249,8 +259,10 @@ async def reconcile(api: client.ApiClient, ns: str, name: str, logger: Logger) -
 
     desired: DesiredState | None = None
     problem: Problem | None = None
+    if volumes is not None and model.spec.lora.enabled:
+        volumes = replace(volumes, claims=await model_pvc_claims(api, ns, name))
     try:
-        desired = desired_state(model, uid)
+        desired = desired_state(model, uid, volumes)
     except UnrealisableSpec as exc:
         problem = Problem(exc.reason, exc.message)
 
@@ -372,12 +384,13 @@ def build_registry(options: OperatorOptions | None = None) -> kopf.OperatorRegis
             return
         runtime: Runtime = memo.runtime
         metrics = opts.metrics
+        volumes = opts.adapter_volumes
 
         async def work() -> None:
             if metrics is None:
-                await reconcile(runtime.api, ns, name, logger)
+                await reconcile(runtime.api, ns, name, logger, volumes)
             else:
-                await metrics.timed(lambda: reconcile(runtime.api, ns, name, logger))
+                await metrics.timed(lambda: reconcile(runtime.api, ns, name, logger, volumes))
 
         await runtime.coalescer.run(f"{ns}/{name}", work)
 

@@ -8,12 +8,15 @@ import pytest
 
 from shoal.api.model import GpuPool, ModelResource
 from shoal.operator.desired import (
+    AdapterVolumes,
     UnrealisableSpec,
+    claim_volume_name,
     desired_state,
     selector_string,
     spread_replicas,
     stale_deployments,
 )
+from shoal.operator.lora_claims import pvc_claims
 
 UID = "0b8c1a9e-1111-2222-3333-444455556666"
 
@@ -219,3 +222,88 @@ def test_model_total_replicas_when_the_api_has_it() -> None:
         pytest.skip("spec.replicas not in the typed Model yet")
     m = model(replicas=8)
     assert desired_state(m, UID).replicas == {"h100": 6, "a10g": 2}
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA adapter files: the cache volume and pvc:// claims
+
+
+def _lora_model() -> ModelResource:
+    return model(lora={"enabled": True, "maxLoras": 8})
+
+
+def _volumes(dep: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    pod = dep["spec"]["template"]["spec"]
+    return pod.get("volumes", []), pod["containers"][0].get("volumeMounts", [])
+
+
+def test_lora_engines_mount_the_adapter_cache_claim_and_pvc_claims_read_only() -> None:
+    vols = AdapterVolumes(
+        cache_dir="/var/lib/shoal/lora",
+        cache_claim="shoal-lora-cache",
+        pvc_root="/mnt/shoal/pvc/",
+        claims=("team-adapters", "a" * 253),
+    )
+    for dep in desired_state(_lora_model(), UID, vols).deployments:
+        volumes, mounts = _volumes(dep)
+        by_name = {v["name"]: v for v in volumes}
+        assert "dshm" in by_name  # the engine's own volumes stay
+        assert by_name["lora-cache"]["persistentVolumeClaim"] == {
+            "claimName": "shoal-lora-cache",
+            "readOnly": True,
+        }
+        paths = {m["mountPath"]: m for m in mounts}
+        assert paths["/var/lib/shoal/lora"]["name"] == "lora-cache"  # the operator's path
+        team = paths["/mnt/shoal/pvc/team-adapters"]
+        assert by_name[team["name"]]["persistentVolumeClaim"]["claimName"] == "team-adapters"
+        assert paths["/mnt/shoal/pvc/" + "a" * 253]["readOnly"] is True
+        assert all(m.get("readOnly") for m in mounts if m["name"] != "dshm")
+        for v in volumes:  # volume names are DNS labels
+            assert len(v["name"]) <= 63 and v["name"].replace("-", "").isalnum()
+        assert len(by_name) == len(volumes)
+
+
+def test_claim_volume_names_do_not_depend_on_the_other_claims() -> None:
+    one = desired_state(_lora_model(), UID, AdapterVolumes("/c", claims=("x",))).deployments[0]
+    two = desired_state(_lora_model(), UID, AdapterVolumes("/c", claims=("w", "x"))).deployments[0]
+    name = claim_volume_name("x")
+    assert name in {v["name"] for v in _volumes(one)[0]} & {v["name"] for v in _volumes(two)[0]}
+    assert desired_state(_lora_model(), UID, AdapterVolumes("/c", claims=("x",))) == (
+        desired_state(_lora_model(), UID, AdapterVolumes("/c", claims=("x", "x")))
+    )
+
+
+def test_host_path_is_the_cache_fallback() -> None:
+    vols = AdapterVolumes("/var/lib/shoal/lora", cache_host_path="/srv/lora")
+    volumes, mounts = _volumes(desired_state(_lora_model(), UID, vols).deployments[1])
+    cache = next(v for v in volumes if v["name"] == "lora-cache")
+    assert cache["hostPath"] == {"path": "/srv/lora", "type": "DirectoryOrCreate"}
+    assert {"name": "lora-cache", "mountPath": "/var/lib/shoal/lora", "readOnly": True} in mounts
+
+
+def test_no_adapter_mounts_without_lora_or_without_volumes() -> None:
+    vols = AdapterVolumes("/c", cache_claim="cache", claims=("x",))
+    plain = desired_state(model(), UID, vols)
+    assert plain == desired_state(model(), UID)  # LoRA off: volumes ignored
+    assert all(not v["name"].startswith("lora") for d in plain.deployments for v in _volumes(d)[0])
+    bare = desired_state(_lora_model(), UID, AdapterVolumes("/c")).deployments[0]
+    assert [v["name"] for v in _volumes(bare)[0]] == ["dshm"]
+    with pytest.raises(ValueError, match="not both"):
+        AdapterVolumes("/c", cache_claim="a", cache_host_path="/b")
+
+
+def test_pvc_claims_of_a_models_adapters() -> None:
+    def adapter(base: str, source: str) -> dict[str, Any]:
+        return {"spec": {"baseModel": base, "source": source}}
+
+    adapters = [
+        adapter("llama", "pvc://team-b/adapters/sql"),
+        adapter("llama", "pvc://team-a/x"),
+        adapter("llama", "pvc://team-a/y"),
+        adapter("llama", "pvc://Bad_Claim/x"),  # invalid: reported on the adapter, not mounted
+        adapter("llama", "hf://org/name"),
+        adapter("other", "pvc://team-c/x"),
+        {"spec": {}},
+    ]
+    assert pvc_claims(adapters, "llama") == ("team-a", "team-b")
+    assert pvc_claims([], "llama") == ()

@@ -121,3 +121,16 @@ podAntiAffinity:
           matchLabels:
             {{- include "shoal.selectorLabels" . | nindent 12 }}
 {{- end }}
+
+{{/*
+The LoRA adapter cache claim: lora.cache.claimName, or <fullname>-lora-cache when the chart
+creates it; empty when neither.
+*/}}
+{{- define "shoal.loraCacheClaim" -}}
+{{- $cache := .Values.operator.lora.cache -}}
+{{- if $cache.claimName -}}
+{{- $cache.claimName -}}
+{{- else if $cache.create -}}
+{{- printf "%s-lora-cache" (include "shoal.fullname" .) -}}
+{{- end -}}
+{{- end }}

@@ -149,6 +149,14 @@ def add_operator_arguments(parser: argparse.ArgumentParser) -> None:
         "replacement this long plus the pod's start-up time, then place them on the others",
     )
     lora.add_argument(
+        "--lora-hot-activity-per-replica",
+        type=float,
+        default=1.5,
+        metavar="X",
+        help="give an adapter one more replica per X of smoothed activity (engines where it runs "
+        "+ engines where it waits, from vllm:lora_requests_info); 0: no hot extras",
+    )
+    lora.add_argument(
         "--lora-max-bytes",
         type=int,
         default=FetchLimits().max_bytes,
@@ -249,6 +257,7 @@ async def _serve(args: argparse.Namespace, namespaces: list[str], priority: int)
             limits=FetchLimits(max_bytes=args.lora_max_bytes),
             resync_interval_s=args.lora_resync_interval,
             replacement_grace_s=args.lora_replacement_grace,
+            hot_activity_per_replica=args.lora_hot_activity_per_replica or None,
         ),
         LoraMetrics(metrics.registry),
     )

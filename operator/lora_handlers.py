@@ -49,6 +49,7 @@ from shoal.api.model import (
 )
 from shoal.operator.desired import POOL_LABEL, model_total_replicas, spread_replicas
 from shoal.operator.handlers import Coalescer, model_from_object
+from shoal.operator.lora_activity import AdapterActivity, EngineLoraSample, parse_lora_activity
 from shoal.operator.lora_loader import EngineLoraClient, EngineLoraError
 from shoal.operator.lora_metrics import LoraMetrics
 from shoal.operator.lora_placement import AdapterDemand, Placement, PodSlots, place
@@ -87,6 +88,8 @@ class LoraOptions:
     engine_timeout_s: float = 30.0
     # a vanished pod's adapters wait this long (plus its start-up time) for its replacement
     replacement_grace_s: float = DEFAULT_REPLACEMENT_GRACE_S
+    # an adapter gets an extra replica per this much smoothed activity (lora_activity); None: off
+    hot_activity_per_replica: float | None = 1.5
 
 
 @dataclass
@@ -100,6 +103,8 @@ class LoraRuntime:
     replacement_grace_s: float = DEFAULT_REPLACEMENT_GRACE_S
     # per "namespace/model": the pods seen last round and the slots reserved for replacements
     trackers: dict[str, ReplacementTracker] = field(default_factory=dict)
+    activity: dict[str, AdapterActivity] = field(default_factory=dict)
+    hot_activity_per_replica: float | None = None
 
     def tracker(self, key: str) -> ReplacementTracker:
         if key not in self.trackers:
@@ -361,6 +366,24 @@ async def _observe(
     return loaded, unreachable
 
 
+async def _sample_activity(rt: LoraRuntime, pods: Sequence[EnginePod]) -> list[EngineLoraSample]:
+    """Each engine's newest vllm:lora_requests_info; an engine that does not answer is left out
+    of this sample (counted as engine_calls_total{operation="metrics"})."""
+
+    async def one(pod: EnginePod) -> EngineLoraSample | None:
+        try:
+            resp = await rt.http.get(f"http://{pod.endpoint}/metrics")
+            resp.raise_for_status()
+        except httpx.HTTPError as exc:
+            rt.metrics.engine_calls.labels("metrics", "unreachable").inc()
+            log.debug("LoRA activity: %s /metrics: %s", pod.name, exc)
+            return None
+        rt.metrics.engine_calls.labels("metrics", "ok").inc()
+        return parse_lora_activity(resp.text)
+
+    return [s for s in await asyncio.gather(*(one(p) for p in pods)) if s is not None]
+
+
 async def reconcile_model_adapters(
     rt: LoraRuntime, ns: str, model_name: str, logger: Logger, concurrency: int = 32
 ) -> Placement | None:
@@ -404,12 +427,19 @@ async def reconcile_model_adapters(
             problems[name] = problem
 
     # 3. place and act
+    rate = rt.hot_activity_per_replica
+    levels: Mapping[str, float] = {}
+    if rate:
+        activity = rt.activity.setdefault(f"{ns}/{model_name}", AdapterActivity())
+        activity.update(time.monotonic(), await _sample_activity(rt, reachable))
+        levels = activity.levels()
     demands = [
         AdapterDemand(
             name,
             None
             if obj["spec"].get("replicas", 1) == "all"
             else int(obj["spec"].get("replicas", 1)),
+            levels.get(name, 0.0),
         )
         for name, obj in sorted(live.items())
         if name in paths
@@ -430,7 +460,7 @@ async def reconcile_model_adapters(
         )
         for p in reachable
     ]
-    placement = place(demands, slots, reserved=plan.reserved)
+    placement = place(demands, slots, rate_per_replica=rate, reserved=plan.reserved)
     tracker.record(placement, [r for r in ready if r.name in loaded])
     _log_replacements(logger, ns, model_name, plan, placement)
     rt.metrics.reserved_slots.labels(ns, model_name).set(len(placement.reserved))
@@ -592,6 +622,7 @@ def register_lora_handlers(
             ),
             metrics=metrics,
             replacement_grace_s=opts.replacement_grace_s,
+            hot_activity_per_replica=opts.hot_activity_per_replica,
         )
 
     @kopf.on.cleanup(registry=registry)

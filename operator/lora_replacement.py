@@ -98,10 +98,16 @@ class ReplacementTracker:
         per_pool: dict[str, int] = {}
         for pod in ready:
             per_pool[pod.pool] = per_pool.get(pod.pool, 0) + 1
+        # Pods seen before, per pool: a new pod may already be the replacement, so it must not
+        # make the pool look full when deciding whether a vanished pod will be replaced.
+        staying: dict[str, int] = {}
+        for pod in ready:
+            if pod.name in self._known:
+                staying[pod.pool] = staying.get(pod.pool, 0) + 1
         opened: list[str] = []
         for name in sorted(set(self._known) - set(current)):
             known = self._known.pop(name)
-            if not known.adapters or per_pool.get(known.pool, 0) >= desired.get(known.pool, 0):
+            if not known.adapters or staying.get(known.pool, 0) >= desired.get(known.pool, 0):
                 continue  # nothing to keep, or a scale-down: nobody replaces it
             wait = self.grace_s + min(MAX_STARTUP_S, max(0.0, known.startup_s))
             self._slots[name] = _Slot(name, known.pool, known.adapters, now, now + wait)

@@ -133,3 +133,17 @@ def test_recording_drops_what_the_placement_no_longer_keeps_in_a_slot() -> None:
 def test_negative_grace_is_refused() -> None:
     with pytest.raises(ValueError, match="grace"):
         ReplacementTracker(grace_s=-1)
+
+
+def test_a_replacement_already_ready_when_the_loss_is_seen_still_gets_the_slot() -> None:
+    t = ReplacementTracker(grace_s=60)
+    ready = _pods("p0", "p1", "p2")
+    placement = place(ADAPTERS, [PodSlots(p.name, 8) for p in ready])
+    t.record(placement, ready)
+    # p2 is gone and its replacement is ready (not answering yet) in the same round
+    now = [*ready[:2], ReadyPod("p2-new", "h100")]
+    first = t.plan(1, now, {"h100": 3}, reachable={"p0", "p1"})
+    assert first.opened == ["p2"] and first.claimed == {} and t.slots == 1
+    second = t.plan(2, now, {"h100": 3})
+    assert second.claimed == {"p2-new": "p2"}
+    assert second.inherited["p2-new"] == frozenset(placement.by_pod()["p2"])

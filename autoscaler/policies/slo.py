@@ -11,7 +11,7 @@ Every tick:
    predicted latency at the fleet's current operating point, learned only while the fleet is
    steady (all replicas ready, nothing held at the router).
 3. Fast path for bursts that the windowed rate has not caught yet: a growing engine queue adds
-   the replicas that would drain it within a lead time; KV saturation adds at least one.
+   the replicas that would drain it within ``QUEUE_DRAIN_S``; KV saturation adds at least one.
 4. Scale up at once. Scale down only to the count that would still meet the SLO with
    ``hysteresis`` more load (so up and down thresholds differ) and only once every recommendation
    over the last ``scale_down_delay_s`` allowed it (the highest of them is taken).
@@ -44,6 +44,8 @@ CORRECTION_BOUNDS = (0.5, 3.0)
 KV_SATURATED = 0.92
 # Waiting requests per ready replica that count as a queue worth acting on.
 QUEUE_FAST_PATH = 8.0
+# A growing queue is sized to drain within this many seconds on top of the arrivals.
+QUEUE_DRAIN_S = 30.0
 # Token lengths to size with before any were observed (the Azure conversation trace's means).
 PRIOR_PROMPT_TOKENS = 1155.0
 PRIOR_OUTPUT_TOKENS = 211.0
@@ -75,6 +77,7 @@ class SloPolicy:
         self._output = PRIOR_OUTPUT_TOKENS
         self._last_busy_s: float | None = None
         self._last_waiting = 0.0
+        self._first_seen_s: float | None = None
 
     def _model(self, spec: PoolSpec) -> CapacityModel:
         key = (spec.model, spec.gpu, spec.gpus_per_replica)
@@ -146,7 +149,7 @@ class SloPolicy:
         backlog = waiting + obs.router_held
         ready = obs.ready_replicas
         if backlog > QUEUE_FAST_PATH * max(ready, 1) and waiting >= self._last_waiting:
-            sizing_rate += backlog / self.lead_time_s
+            sizing_rate += backlog / QUEUE_DRAIN_S
             reason = "slo: queue growing"
         self._last_waiting = waiting
         up = self._needed(spec, cap, sizing_rate)
@@ -165,9 +168,14 @@ class SloPolicy:
             candidate = up
         self._recommendations.add(now, float(candidate))
         target = candidate
+        if self._first_seen_s is None:
+            self._first_seen_s = now
         if candidate < current:
-            # Down only as far as every recommendation over the delay allowed.
+            # Down only as far as every recommendation over the delay allowed, and only once
+            # the recommendations cover the whole delay (not right after a (re)start).
             highest = int(self._recommendations.max(now) or candidate)
+            if now - self._first_seen_s < self.scale_down_delay_s:
+                highest = current
             target = min(current, max(candidate, highest))
             reason = "slo: scale down" if target < current else "slo: scale-down delay"
             if target == 0:
@@ -196,6 +204,7 @@ class SloPolicy:
             "output": self._output,
             "last_busy_s": self._last_busy_s,
             "last_waiting": self._last_waiting,
+            "first_seen_s": self._first_seen_s,
         }
 
     def import_state(self, state: dict[str, Any]) -> None:
@@ -208,3 +217,5 @@ class SloPolicy:
         busy = state.get("last_busy_s")
         self._last_busy_s = None if busy is None else float(busy)
         self._last_waiting = float(state.get("last_waiting", 0.0))
+        first = state.get("first_seen_s")
+        self._first_seen_s = None if first is None else float(first)

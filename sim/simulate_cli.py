@@ -1,5 +1,9 @@
 """``shoal simulate``: replay a workload on a simulated fleet on a virtual clock.
 
+With ``--autoscaler POLICY`` the fleet is sized by that autoscaling policy on the virtual clock
+(``sim.autoscaled``): replicas start up, drain and leave, and the report gives SLO attainment,
+GPU-hours, cost and scaling churn.
+
 Without ``--trace`` the workload is synthetic (Poisson arrivals with the Azure conversation trace's
 rate and length distributions, see ``sim.trace``), so the command runs with no data at hand.
 """
@@ -11,6 +15,11 @@ import json
 import sys
 from collections.abc import Iterable
 
+from shoal.api.model import AutoscalingPolicy
+from shoal.autoscaler.policies import POLICY_NAMES, build_policy
+from shoal.sim.amplify import amplify_workload
+from shoal.sim.attainment import SloTarget
+from shoal.sim.autoscaled import AutoscaledSimulator, AutoscaleReport, FleetConfig
 from shoal.sim.cluster import DEFAULT_GPU, DEFAULT_MODEL, ROUTERS, EngineSpec, simulate
 from shoal.sim.trace import (
     AZURE_CONV_RATE_RPS,
@@ -87,8 +96,36 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         help="step every engine iteration one by one (slow; same results)",
     )
 
+    a = parser.add_argument_group("autoscaling (with --autoscaler: a fleet that grows and shrinks)")
+    a.add_argument(
+        "--autoscaler",
+        choices=POLICY_NAMES,
+        default=None,
+        help="size the fleet with this policy (--engines is then the initial replica count)",
+    )
+    a.add_argument("--min-replicas", type=int, default=0)
+    a.add_argument("--max-replicas", type=int, default=None)
+    a.add_argument(
+        "--startup-s",
+        type=float,
+        default=None,
+        help="seconds from scheduling a replica to serving (default: from the model's size)",
+    )
+    a.add_argument("--tick-s", type=float, default=15.0, help="autoscaler period (default 15)")
+    a.add_argument("--ttft-slo-ms", type=float, default=1000.0)
+    a.add_argument("--tpot-slo-ms", type=float, default=60.0)
+    a.add_argument("--slo-percentile", type=float, default=95.0)
+    a.add_argument(
+        "--copies",
+        type=int,
+        default=1,
+        help="raise the rate by overlaying this many shifted copies of the trace (keeps its "
+        "shape, unlike --rate-scale)",
+    )
+
     o = parser.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the report as JSON")
+    o.add_argument("--plot", default=None, metavar="PNG", help="autoscaling: replicas and load")
 
 
 def _workload(args: argparse.Namespace) -> Iterable[TraceRequest]:
@@ -105,8 +142,71 @@ def _workload(args: argparse.Namespace) -> Iterable[TraceRequest]:
     )
 
 
+def _progress(frac: float) -> None:
+    bar = "#" * int(frac * 40)
+    print(f"\r[{bar:<40}] {frac:6.1%}", end="" if frac < 1 else "\n", file=sys.stderr, flush=True)
+
+
+def _plot(report: AutoscaleReport, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tl = report.timeline
+    fig, ax = plt.subplots(figsize=(10, 4))
+    minutes = [p.time_s / 60 for p in tl]
+    ax.step(minutes, [p.desired for p in tl], where="post", label="target replicas")
+    ax.step(minutes, [p.ready for p in tl], where="post", label="ready replicas")
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("replicas")
+    load = ax.twinx()
+    load.plot(minutes, [p.request_rate for p in tl], color="grey", alpha=0.5, label="req/s")
+    load.set_ylabel("requests/s")
+    ax.legend(loc="upper left")
+    ax.set_title(f"shoal simulate --autoscaler {report.policy}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def run_autoscaled(args: argparse.Namespace, spec: EngineSpec) -> int:
+    if args.copies < 1:
+        print("shoal simulate: --copies must be >= 1", file=sys.stderr)
+        return 2
+    workload = list(_workload(args))
+    if args.copies > 1:
+        workload = amplify_workload(workload, args.copies)
+    slo = SloTarget(args.ttft_slo_ms / 1e3, args.tpot_slo_ms / 1e3, args.slo_percentile)
+    config = FleetConfig(
+        engine=spec,
+        initial_replicas=args.engines,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        startup_s=args.startup_s,
+        tick_s=args.tick_s,
+    )
+    policy = build_policy(AutoscalingPolicy(policy=args.autoscaler))
+    sim = AutoscaledSimulator(
+        config,
+        policy,
+        slo,
+        ROUTERS[args.router](),
+        seed=args.seed,
+        use_fast_forward=args.fast_forward,
+        progress=_progress,
+    )
+    report = sim.run(workload)
+    if args.plot:
+        _plot(report, args.plot)
+    if args.json:
+        print(json.dumps(report.to_dict(timeline=True), indent=2))
+    else:
+        print(report.format())
+    return 0
+
+
 def run_simulate(args: argparse.Namespace) -> int:
-    if args.engines < 1:
+    if args.engines < 0 or (args.engines < 1 and args.autoscaler is None):
         print("shoal simulate: --engines must be >= 1", file=sys.stderr)
         return 2
     try:
@@ -121,6 +221,8 @@ def run_simulate(args: argparse.Namespace) -> int:
             enable_prefix_caching=args.enable_prefix_caching,
         )
         spec.engine_config()  # fail early on an unknown model/GPU or a model that does not fit
+        if args.autoscaler is not None:
+            return run_autoscaled(args, spec)
         workload = _workload(args)
         report = simulate(
             workload,

@@ -13,6 +13,10 @@ API_PORT=${SHOAL_API_PORT:-6443}
 SERVICE_CIDR=${SHOAL_SERVICE_CIDR:-10.96.0.0/16}
 SERVICE_IP=${SHOAL_SERVICE_IP:-10.96.0.1}  # first address of SERVICE_CIDR: the kubernetes Service
 KUBECONFIG_PATH=$STATE/kubeconfig
+# Every local cluster serves the same API address (inside its own namespace), so kubectl's
+# discovery cache (keyed by host:port, ~/.kube/cache by default) would leak resource types from
+# one cluster to the next: keep it per cluster.
+export KUBECACHEDIR=$STATE/kube-cache
 
 holder_pid() { cat "$STATE/pids/netns-holder" 2>/dev/null; }
 holder_alive() { local p; p=$(holder_pid) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null && [ -e "/proc/$p/ns/net" ]; }

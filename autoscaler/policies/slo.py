@@ -73,6 +73,7 @@ class SloPolicy:
         self._recommendations = TimeWindow(max(scale_down_delay_s, 1e-9))
         self._ttft_correction = 1.0
         self._tpot_correction = 1.0
+        self._batch_correction = 1.0
         self._prompt = PRIOR_PROMPT_TOKENS
         self._output = PRIOR_OUTPUT_TOKENS
         self._last_busy_s: float | None = None
@@ -96,6 +97,7 @@ class SloPolicy:
             spec.tpot_slo_s,
             ttft_factor=self._ttft_correction,
             tpot_factor=self._tpot_correction,
+            batch_factor=self._batch_correction,
             limit=max(limit, 1),
         )
 
@@ -110,15 +112,33 @@ class SloPolicy:
         if not steady:
             return
         load = cap.replica_load(rate / obs.ready_replicas, self._prompt, self._output)
+        lo, hi = CORRECTION_BOUNDS
+        # The batch in flight is learned even past the planning limits: that is where it
+        # matters most (a fleet nearing max_num_seqs).
+        running = value(obs.running)
+        if running > 0 and load.batch > 0 and math.isfinite(load.batch):
+            ratio = min(max(running / obs.ready_replicas / load.batch, lo), hi)
+            self._batch_correction += CORRECTION_ALPHA * (ratio - self._batch_correction)
         if not load.feasible:
             return
-        lo, hi = CORRECTION_BOUNDS
         if obs.ttft_s is not None and math.isfinite(obs.ttft_s) and obs.ttft_s > 0:
             ratio = min(max(obs.ttft_s / (load.ttft_s * cap.ttft_tail), lo), hi)
             self._ttft_correction += CORRECTION_ALPHA * (ratio - self._ttft_correction)
         if obs.tpot_s is not None and math.isfinite(obs.tpot_s) and obs.tpot_s > 0:
             ratio = min(max(obs.tpot_s / (load.tpot_s * cap.tpot_tail), lo), hi)
             self._tpot_correction += CORRECTION_ALPHA * (ratio - self._tpot_correction)
+
+    @staticmethod
+    def _violated(spec: PoolSpec, obs: Observation) -> bool:
+        def over(observed: float | None, target: float | None) -> bool:
+            return (
+                observed is not None
+                and target is not None
+                and math.isfinite(observed)
+                and observed > target
+            )
+
+        return over(obs.ttft_s, spec.ttft_slo_s) or over(obs.tpot_s, spec.tpot_slo_s)
 
     def decide(self, spec: PoolSpec, obs: Observation) -> Decision:
         current = obs.desired_replicas
@@ -153,6 +173,10 @@ class SloPolicy:
             reason = "slo: queue growing"
         self._last_waiting = waiting
         up = self._needed(spec, cap, sizing_rate)
+        # Feedback on the SLO itself: the model missed if a steady fleet is over target now.
+        # Add a replica per tick until it is not (the correction factors catch up meanwhile).
+        if self._violated(spec, obs) and up <= current and ready == current:
+            up, reason = current + 1, "slo: observed latency over target"
         if value(obs.kv_usage) >= KV_SATURATED and up <= current:
             up, reason = current + 1, "slo: kv saturated"
         if obs.router_held > 0 and up < 1:
@@ -192,6 +216,7 @@ class SloPolicy:
             down=down,
             ttft_correction=self._ttft_correction,
             tpot_correction=self._tpot_correction,
+            batch_correction=self._batch_correction,
         )
 
     def export_state(self) -> dict[str, Any]:
@@ -200,6 +225,7 @@ class SloPolicy:
             "recommendations": self._recommendations.export(),
             "ttft_correction": self._ttft_correction,
             "tpot_correction": self._tpot_correction,
+            "batch_correction": self._batch_correction,
             "prompt": self._prompt,
             "output": self._output,
             "last_busy_s": self._last_busy_s,
@@ -212,6 +238,7 @@ class SloPolicy:
         self._recommendations.restore(state.get("recommendations", []))
         self._ttft_correction = float(state.get("ttft_correction", 1.0))
         self._tpot_correction = float(state.get("tpot_correction", 1.0))
+        self._batch_correction = float(state.get("batch_correction", 1.0))
         self._prompt = float(state.get("prompt", PRIOR_PROMPT_TOKENS))
         self._output = float(state.get("output", PRIOR_OUTPUT_TOKENS))
         busy = state.get("last_busy_s")

@@ -313,3 +313,28 @@ def test_slo_queue_fast_path_adds_replicas_before_the_rate_shows_it() -> None:
     b = burst.decide(SPEC, obs(0, 2, rate=20.0, running=60, waiting=1000))
     assert b.replicas > a.replicas
     assert "queue" in b.reason
+
+
+def test_slo_adds_a_replica_when_a_steady_fleet_misses_its_target() -> None:
+    fine = SloPolicy().decide(SPEC, obs(0, 2, rate=20.0, running=100, ttft_s=0.3, tpot_s=0.03))
+    over = SloPolicy().decide(SPEC, obs(0, 2, rate=20.0, running=100, ttft_s=2.5, tpot_s=0.03))
+    assert fine.replicas == 2
+    assert over.replicas == 3 and over.reason == "slo: observed latency over target"
+    # Not while a replica is still starting: it is the answer already on its way.
+    starting = SloPolicy().decide(SPEC, obs(0, 3, ready=2, rate=20.0, running=100, ttft_s=2.5))
+    assert starting.replicas == 3
+
+
+def test_slo_learns_a_larger_batch_than_modelled_and_sizes_for_it() -> None:
+    learned, naive = SloPolicy(), SloPolicy()
+    for t in range(0, 300, 15):
+        # Far more sequences in flight than the roofline predicts at this rate.
+        learned.decide(SPEC, obs(t, 2, rate=30.0, running=400))
+        naive.decide(SPEC, obs(t, 2, rate=30.0, running=0))
+    assert learned.export_state()["batch_correction"] > 1.5
+    assert naive.export_state()["batch_correction"] == 1.0
+    rate = 30.0
+    assert (
+        learned.decide(SPEC, obs(300, 2, rate=rate, running=400)).replicas
+        > naive.decide(SPEC, obs(300, 2, rate=rate, running=0)).replicas
+    )

@@ -106,8 +106,15 @@ def test_up_serves_and_stops_every_child(tmp_path: Path) -> None:
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 5
         assert r.headers["x-shoal-endpoint"].startswith("http://127.0.0.1:")
-        out = (tmp_path / "up.log").read_text()
-        assert url in out and "curl" in out
+        # `shoal up` prints the URL once its own readiness check passes, which may come a moment
+        # after the router first answers the test's probe.
+        deadline = time.monotonic() + 30
+        while True:
+            out = (tmp_path / "up.log").read_text()
+            if url in out and "curl" in out:
+                break
+            assert time.monotonic() < deadline, out[-3000:]
+            time.sleep(0.2)
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from k8s_local_cluster import REPO, Cluster
+from test_autoscaler_e2e import Proc
 from test_local_cluster import wait_for
 from test_operator import OperatorProcess, get, items
 
@@ -29,6 +30,8 @@ CRDS = [
     REPO / "operator" / "crds" / "kopf-peering.yaml",
 ]
 ADAPTERS = 20
+ROUTER_PORT = 18081
+SHOAL = REPO / ".venv" / "bin" / "shoal"
 PODS = 4
 MAX_LORAS = 12
 
@@ -128,6 +131,59 @@ def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
 
 
+def requests_land_only_where_loaded(
+    cluster: Cluster,
+    ns: str,
+    tmp_path: Path,
+    names: list[str],
+    pods: dict[str, str],
+    truth: dict[str, set[str]],
+) -> None:
+    """Through the Shoal router (Kubernetes discovery, inside the cluster's namespace): every
+    adapter's requests succeed and are served only by pods that have it loaded; `/v1/models`
+    lists each adapter with its parent; an undeclared name gets 404."""
+    config = {
+        "host": "127.0.0.1",
+        "port": ROUTER_PORT,
+        "strategy": "prefix",
+        "kubernetes": {
+            "namespace": ns,
+            "label_selector": "shoal.dev/model=llama",
+            "port_name": "http",
+        },
+        "models_refresh_s": 0.5,
+        "log_level": "INFO",
+    }
+    path = tmp_path / "router.yaml"
+    path.write_text(json.dumps(config))
+    router = Proc(cluster, tmp_path / "router.log", str(SHOAL), "router", "--config", str(path))
+    url = f"http://127.0.0.1:{ROUTER_PORT}"
+    try:
+        with cluster.netns(), httpx.Client(timeout=60) as http:
+
+            def listed() -> dict[str, Any] | None:
+                cards = {m["id"]: m for m in http.get(url + "/v1/models").json()["data"]}
+                return cards if set(names) <= set(cards) else None
+
+            cards = wait_for("the router listing every adapter", listed, 60)
+            assert all(cards[n]["parent"] == "llama" for n in names)
+            for n in names:
+                holders = {pods[p].split(":")[0] for p, loaded in truth.items() if n in loaded}
+                for i in range(3):
+                    r = http.post(
+                        url + "/v1/completions",
+                        json={"model": n, "prompt": f"request {i} for {n}", "max_tokens": 4},
+                    )
+                    assert r.status_code == 200, (n, r.text)
+                    served_by = r.headers["x-shoal-endpoint"].split("//")[1].split(":")[0]
+                    assert served_by in holders, (n, served_by, holders)
+            r = http.post(url + "/v1/completions", json={"model": "never-declared", "prompt": "x"})
+            assert r.status_code == 404, r.text
+    finally:
+        router.stop()
+        print(router.text()[-2000:])
+
+
 def test_lora_adapters_end_to_end(
     k8s_cluster: Cluster, k8s_namespace: str, operator: OperatorProcess, tmp_path: Path
 ) -> None:
@@ -159,6 +215,7 @@ def test_lora_adapters_end_to_end(
         assert len(loaded) <= MAX_LORAS, (pod, loaded)
         assert loaded <= set(names)  # nothing bad was loaded anywhere
     assert sum(len(v) for v in truth.values()) == 2 * ADAPTERS
+    requests_land_only_where_loaded(cluster, ns, tmp_path, names, pods, truth)
 
     # bad input: a condition with a reason and an Event; no crash
     expected = {

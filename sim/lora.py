@@ -8,6 +8,7 @@ status, OpenAI error type and message text vLLM 0.32 answers with (golden record
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -51,6 +52,17 @@ class LoraAdapter:
     rank: int
 
 
+def _rank_from_config(path: str) -> int | None:
+    """The rank a PEFT adapter declares (``r`` in ``adapter_config.json``), as vLLM reads it;
+    None when the path has no readable config (the simulator then assumes a small rank)."""
+    try:
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            value = json.load(f).get("r")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def default_path_check(path: str) -> bool:
     """An adapter path is loadable when it exists (a directory or file), as for vLLM."""
     return os.path.exists(path)
@@ -83,6 +95,8 @@ class LoraManager:
             )
         if not path or not self._path_check(path):
             raise LoraBadPath(f"Loading lora {name} failed: No adapter found for {path}")
+        if rank is None:
+            rank = _rank_from_config(path)
         rank = rank if rank is not None else min(8, self.max_lora_rank)
         if rank > self.max_lora_rank:
             raise LoraCapacityError(

@@ -199,7 +199,11 @@ def test_lora_adapters_end_to_end(
         adapter("too-big", "llama", f"file://{tmp_path}/adapters/{names[0]}", rank=64),
         adapter("orphan", "no-such-model", f"file://{tmp_path}/adapters/{names[0]}"),
         adapter("missing", "llama", f"file://{tmp_path}/adapters/not-there"),
+        # declared rank 8 (admitted), but its files say r=32: the engine refuses the load
+        adapter("refused", "llama", f"file://{tmp_path}/adapters/refused"),
     ]
+    (tmp_path / "adapters" / "refused").mkdir(parents=True)
+    (tmp_path / "adapters" / "refused" / "adapter_config.json").write_text('{"r": 32}')
     cluster.kubectl("apply", "-n", ns, "-f", "-", input="\n---\n".join(docs))
 
     # every adapter on exactly 2 pods within maxLoras, as the engines themselves report
@@ -222,16 +226,23 @@ def test_lora_adapters_end_to_end(
         "too-big": "RankTooLarge",
         "orphan": "UnknownBaseModel",
         "missing": "SourceUnavailable",
+        "refused": "LoadFailed",
     }
+
+    def degraded_with(n: str, reason: str) -> dict[str, Any] | None:
+        st = adapters_status(cluster, ns).get(n, {})
+        conds = st.get("conditions") or []
+        hit = any(c.get("type") == "Degraded" and c.get("reason") == reason for c in conds)
+        return st if hit else None
+
     for n, reason in expected.items():
-        st = wait_for(
-            f"{n} Failed",
-            lambda n=n: (s if (s := adapters_status(cluster, ns).get(n, {})).get("phase")
-                         == "Failed" else None),
-            60,
-        )  # fmt: skip
-        assert condition(st, "Degraded")["reason"] == reason, st
+        st = wait_for(f"{n} Degraded with {reason}", lambda n=n, r=reason: degraded_with(n, r), 60)
         assert condition(st, "Ready")["status"] == "False"
+        # Bad specs fail for good; an engine refusing a load is retried (it may be transient),
+        # so that adapter stays Pending with the engine's message in its condition.
+        assert st["phase"] == ("Pending" if n == "refused" else "Failed"), st
+    refused = adapters_status(cluster, ns)["refused"]
+    assert "greater than max_lora_rank" in condition(refused, "Degraded")["message"], refused
     events = cluster.kubectl("get", "events", "-n", ns, "-o", "json")
     reasons = {(e["involvedObject"]["name"], e["reason"]) for e in json.loads(events)["items"]}
     for n, reason in expected.items():

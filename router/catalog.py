@@ -139,7 +139,9 @@ class KubernetesCatalogSource:
         self.errors = 0
 
     async def _list(self, api: Any, plural: str) -> list[Mapping[str, Any]]:
-        listed = await api.list_namespaced_custom_object(GROUP, VERSION, self.namespace, plural)
+        listed = await api.list_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, plural, _request_timeout=max(self.resync_s * 5, 10.0)
+        )
         items = listed.get("items", []) if isinstance(listed, Mapping) else []
         return [i for i in items if isinstance(i, Mapping)]
 
@@ -151,7 +153,16 @@ class KubernetesCatalogSource:
             if getattr(exc, "status", None) != 404:
                 raise
             adapters = []
+        before = {d.name for d in self.catalog.entries()}
         self.catalog.set_source("kubernetes", declarations_from_resources(models, adapters))
+        after = {d.name for d in self.catalog.entries()}
+        if after != before:
+            log.info(
+                "declared names: %d (+%s -%s)",
+                len(after),
+                ",".join(sorted(after - before)[:10]) or "none",
+                ",".join(sorted(before - after)[:10]) or "none",
+            )
 
     async def run(self) -> None:
         from kubernetes_asyncio import client

@@ -24,6 +24,10 @@ class HoldFull(Exception):
     """Too many requests already wait for this name."""
 
 
+class NoLongerDeclared(Exception):
+    """The name was undeclared (its resource deleted) while the request waited."""
+
+
 class HoldTimeout(Exception):
     """No engine came to serve the name within the hold timeout."""
 
@@ -48,8 +52,17 @@ class HoldQueue:
     def depths(self) -> dict[str, int]:
         return dict(self._held)
 
-    async def wait(self, name: str, base: str, resolve: Callable[[str], T | None]) -> T:
-        """What ``resolve(name)`` returns once it is not None; raises HoldFull or HoldTimeout."""
+    async def wait(
+        self,
+        name: str,
+        base: str,
+        resolve: Callable[[str], T | None],
+        still_declared: Callable[[str], bool] = lambda _name: True,
+        recheck_s: float = 1.0,
+    ) -> T:
+        """What ``resolve(name)`` returns once it is not None; raises HoldFull, HoldTimeout, or
+        NoLongerDeclared when the name's Model or adapter was deleted meanwhile (re-checked on
+        every change and at least every ``recheck_s``)."""
         found = resolve(name)
         if found is not None:
             return found
@@ -65,10 +78,12 @@ class HoldQueue:
                     raise HoldTimeout(name)
                 changed = self._changed
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), remaining)
+                    await asyncio.wait_for(changed.wait(), min(remaining, recheck_s))
                 found = resolve(name)
                 if found is not None:
                     return found
+                if not still_declared(name):
+                    raise NoLongerDeclared(name)
         finally:
             left = self._held[base] - 1
             if left:

@@ -184,7 +184,7 @@ class RouterMetrics:
         self.hold_outcomes = Counter(
             "shoal_router_hold_outcomes",
             "Requests that waited for a declared name, by how the wait ended "
-            "(served, timeout, full)",
+            "(served, timeout, full, undeclared)",
             ["model", "outcome"],
             registry=r,
         )

@@ -35,7 +35,7 @@ from shoal.router.admission import AdmissionController, Rejected
 from shoal.router.catalog import DeclaredCatalog
 from shoal.router.config import RouterConfig, priority_from_name
 from shoal.router.engine_state import EngineStateStore
-from shoal.router.holding import HoldFull, HoldQueue, HoldTimeout
+from shoal.router.holding import HoldFull, HoldQueue, HoldTimeout, NoLongerDeclared
 from shoal.router.kv_index import KvEventIndex
 from shoal.router.metrics import CONTENT_TYPE, RouterMetrics
 from shoal.router.prefix_index import ApproxPrefixIndex
@@ -389,8 +389,9 @@ class Gateway:
 
     async def _resolve_declared(self, name: str) -> tuple[str, str | None]:
         """A name no engine serves: hold the request if it is declared, else 404 (or 503)."""
-        declared = self.catalog.get(name) if self.catalog is not None else None
-        if declared is None or self.holds is None:
+        catalog = self.catalog
+        declared = catalog.get(name) if catalog is not None else None
+        if declared is None or catalog is None or self.holds is None:
             if not any(s.healthy for s in self.store.states()):
                 raise self._no_endpoint("", "no_endpoints")
             self.metrics.count_request("", "", "404")
@@ -403,7 +404,22 @@ class Gateway:
             )
         base = declared.base
         try:
-            resolved = await self.holds.wait(name, base, self.store.resolve_servable)
+            resolved = await self.holds.wait(
+                name,
+                base,
+                self.store.resolve_servable,
+                still_declared=lambda n: catalog.get(n) is not None,
+            )
+        except NoLongerDeclared:
+            self.metrics.hold_outcomes.labels(base, "undeclared").inc()
+            self.metrics.count_request("", "", "404")
+            raise ApiError(
+                404,
+                f"The model `{name}` does not exist (it was deleted while the request waited).",
+                "NotFoundError",
+                param="model",
+                code="model_not_found",
+            ) from None
         except HoldFull:
             self.metrics.hold_outcomes.labels(base, "full").inc()
             self.metrics.count_request(base, "", "503")

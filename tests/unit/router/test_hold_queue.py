@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from shoal.router.holding import HoldFull, HoldQueue, HoldTimeout
+from shoal.router.holding import HoldFull, HoldQueue, HoldTimeout, NoLongerDeclared
 
 
 def test_waiter_is_released_when_the_name_becomes_servable() -> None:
@@ -43,5 +43,22 @@ def test_already_servable_name_does_not_wait_or_count() -> None:
     async def scenario() -> None:
         holds = HoldQueue(max_per_name=0, timeout_s=0.01)
         assert await holds.wait("m", "m", lambda _n: 1) == 1
+
+    asyncio.run(scenario())
+
+
+def test_waiter_leaves_when_its_name_is_no_longer_declared() -> None:
+    async def scenario() -> None:
+        declared = {"m"}
+        holds = HoldQueue(max_per_name=4, timeout_s=5.0)
+        task = asyncio.create_task(
+            holds.wait("m", "m", lambda _n: None, lambda n: n in declared, recheck_s=0.01)
+        )
+        await asyncio.sleep(0.03)
+        assert not task.done()
+        declared.clear()  # the Model was deleted
+        with pytest.raises(NoLongerDeclared):
+            await asyncio.wait_for(task, 1.0)
+        assert holds.depths() == {}
 
     asyncio.run(scenario())

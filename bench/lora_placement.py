@@ -46,7 +46,7 @@ from report import command_line, machine_facts, update_section
 from shoal.bench import workloads as wl
 from shoal.bench.client import get_json, run_open_loop
 from shoal.bench.peers import RouterUnderTest, router_process
-from shoal.bench.report import Summary, summarize
+from shoal.bench.report import Summary, summarize, to_simulated_time
 from shoal.local import ManagedProcess, free_port
 from shoal.operator.lora_placement import AdapterDemand, PodSlots, place
 
@@ -176,21 +176,11 @@ def run_one(
         router.wait_healthy(timeout_s=120)
         asyncio.run(wait_router_knows(router.url, set(adapters)))
         run = asyncio.run(run_open_loop(router.url, reqs, model=MODEL, progress=not args.quiet))
-        return to_sim(summarize(run), args.time_scale)
+        return to_simulated_time(summarize(run), args.time_scale)
     finally:
         router.stop()
         for proc in engines:
             proc.stop()
-
-
-def to_sim(s: Summary, scale: float) -> Summary:
-    """Wall-clock summary → simulated time (latencies × scale, rates ÷ scale)."""
-    for d in (s.ttft_ms, s.tpot_ms, s.e2e_ms):
-        for k in d:
-            d[k] *= scale
-    s.output_throughput /= scale
-    s.request_throughput /= scale
-    return s
 
 
 def workload(

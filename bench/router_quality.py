@@ -34,7 +34,7 @@ from report import command_line, machine_facts, update_section
 from shoal.bench import workloads as wl
 from shoal.bench.client import RunResult, run_open_loop
 from shoal.bench.peers import RouterUnderTest, ensure_peers, router_process
-from shoal.bench.report import Summary, summarize
+from shoal.bench.report import Summary, summarize, to_simulated_time
 from shoal.demo import cache_counters
 from shoal.local import ManagedProcess, free_port
 
@@ -91,16 +91,6 @@ def run_config(
         router.stop()
         for e in engines:
             e.stop()
-
-
-def to_sim(s: Summary, scale: float) -> Summary:
-    """Wall-clock summary → simulated time (latencies × scale, rates ÷ scale)."""
-    for d in (s.ttft_ms, s.tpot_ms, s.e2e_ms):
-        for k in d:
-            d[k] *= scale
-    s.output_throughput /= scale
-    s.request_throughput /= scale
-    return s
 
 
 def main() -> int:
@@ -170,7 +160,7 @@ def main() -> int:
             except Exception as exc:
                 errors[f"{c.impl}:{c.policy}"] = f"{type(exc).__name__}: {exc}"[:600]
                 break
-            s = to_sim(summarize(run), scale)
+            s = to_simulated_time(summarize(run), scale)
             sums.append(s)
             hits.append(hit)
             print(

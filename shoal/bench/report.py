@@ -67,6 +67,18 @@ def meets_slo(r: RequestResult, slo_ttft_ms: float | None, slo_tpot_ms: float | 
     return slo_tpot_ms is None or tpot is None or tpot * 1000 <= slo_tpot_ms
 
 
+def to_simulated_time(s: Summary, scale: float) -> Summary:
+    """A summary measured in wall time against engines slowed by ``--time-scale`` (simulated
+    seconds per wall second), converted to simulated time: latencies × scale, rates ÷ scale.
+    Converts ``s`` in place and returns it."""
+    for d in (s.ttft_ms, s.tpot_ms, s.e2e_ms):
+        for k in d:
+            d[k] *= scale
+    s.output_throughput /= scale
+    s.request_throughput /= scale
+    return s
+
+
 def summarize(
     run: RunResult, slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None
 ) -> Summary:

@@ -72,6 +72,14 @@ class Proc:
         return self.log.read_text(errors="replace")
 
 
+def router_proc(cluster: Cluster, tmp_path: Path, config: dict[str, Any]) -> Proc:
+    """``shoal router`` with ``config`` inside the cluster's network namespace (Kubernetes
+    discovery reads the cluster's kubeconfig there)."""
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return Proc(cluster, tmp_path / "router.log", str(SHOAL), "router", "--config", str(path))
+
+
 class EngineTargets:
     """Keeps a Prometheus ``file_sd`` file listing the namespace's engine pods, with the labels
     relabelling gives on a real cluster (deploy/prometheus/prometheus.yml). Debian's prometheus
@@ -146,7 +154,9 @@ def prometheus_config(targets: Path, workdir: Path) -> Path:
     return path
 
 
-def model_manifest() -> dict[str, Any]:
+def model_manifest(
+    *, replicas: int = 1, min_replicas: int = 1, max_replicas: int = 3, stable_window_s: int = 12
+) -> dict[str, Any]:
     return {
         "apiVersion": "shoal.dev/v1alpha1",
         "kind": "Model",
@@ -159,9 +169,9 @@ def model_manifest() -> dict[str, Any]:
                 {
                     "name": "h100",
                     "gpuType": "H100",
-                    "replicas": 1,
-                    "minReplicas": 1,
-                    "maxReplicas": 3,
+                    "replicas": replicas,
+                    "minReplicas": min_replicas,
+                    "maxReplicas": max_replicas,
                 }
             ],
             # Knative-style windows, short enough for a test: 1 request in flight per replica.
@@ -169,7 +179,7 @@ def model_manifest() -> dict[str, Any]:
                 "enabled": True,
                 "policy": "kpa",
                 "targetConcurrency": 1,
-                "stableWindowS": 12,
+                "stableWindowS": stable_window_s,
                 "panicWindowS": 4,
                 "scaleDownDelayS": 6,
             },

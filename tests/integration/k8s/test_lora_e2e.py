@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from k8s_local_cluster import REPO, Cluster
-from test_autoscaler_e2e import Proc
+from test_autoscaler_e2e import router_proc
 from test_local_cluster import wait_for
 from test_operator import OperatorProcess, get, items
 
@@ -31,7 +31,6 @@ CRDS = [
 ]
 ADAPTERS = 20
 ROUTER_PORT = 18081
-SHOAL = REPO / ".venv" / "bin" / "shoal"
 PODS = 4
 MAX_LORAS = 12
 
@@ -154,9 +153,7 @@ def requests_land_only_where_loaded(
         "models_refresh_s": 0.5,
         "log_level": "INFO",
     }
-    path = tmp_path / "router.yaml"
-    path.write_text(json.dumps(config))
-    router = Proc(cluster, tmp_path / "router.log", str(SHOAL), "router", "--config", str(path))
+    router = router_proc(cluster, tmp_path, config)
     url = f"http://127.0.0.1:{ROUTER_PORT}"
     try:
         with cluster.netns(), httpx.Client(timeout=60) as http:

@@ -25,7 +25,9 @@ from test_autoscaler_e2e import (  # noqa: F401 (stack is a fixture)
     _events,
     _metric,
     _replicas,
+    model_manifest,
     prometheus_config,
+    router_proc,
     stack,
 )
 from test_local_cluster import wait_for
@@ -35,33 +37,8 @@ ROUTER_PORT = 18080
 
 
 def zero_model() -> dict[str, Any]:
-    return {
-        "apiVersion": "shoal.dev/v1alpha1",
-        "kind": "Model",
-        "metadata": {"name": NAME},
-        "spec": {
-            "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "servedName": NAME},
-            "engine": {"kind": "vllm", "args": ["--max-num-seqs", "64"]},
-            "maxModelLen": 4096,
-            "pools": [
-                {
-                    "name": "h100",
-                    "gpuType": "H100",
-                    "replicas": 0,
-                    "minReplicas": 0,
-                    "maxReplicas": 2,
-                }
-            ],
-            "autoscaling": {
-                "enabled": True,
-                "policy": "kpa",
-                "targetConcurrency": 1,
-                "stableWindowS": 10,
-                "panicWindowS": 4,
-                "scaleDownDelayS": 6,
-            },
-        },
-    }
+    """The autoscaler e2e's Model, at zero replicas and allowed to stay there."""
+    return model_manifest(replicas=0, min_replicas=0, max_replicas=2, stable_window_s=10)
 
 
 def add_router_scrape(config_path: Path) -> None:
@@ -87,10 +64,7 @@ def start_router(cluster: Cluster, ns: str, tmp_path: Path) -> Proc:
         "scrape_interval_ms": 500,
         "log_level": "INFO",
     }
-    path = tmp_path / "router.yaml"
-    path.write_text(yaml.safe_dump(config))
-    shoal = Path(__file__).resolve().parents[3] / ".venv" / "bin" / "shoal"
-    return Proc(cluster, tmp_path / "router.log", str(shoal), "router", "--config", str(path))
+    return router_proc(cluster, tmp_path, config)
 
 
 def _router_metrics(cluster: Cluster) -> str:

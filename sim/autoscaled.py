@@ -137,6 +137,7 @@ class AutoscaleReport:
     wall_s: float
     startup_s: float
     timeline: list[TimelinePoint] = field(default_factory=list, repr=False)
+    warmup_s: float = 0.0  # what is reported counts from here (AutoscaledSimulator.warmup_s)
 
     @property
     def churn(self) -> int:
@@ -161,6 +162,7 @@ class AutoscaleReport:
             "simulated_s": self.simulated_s,
             "wall_s": self.wall_s,
             "startup_s": self.startup_s,
+            "warmup_s": self.warmup_s,
         }
         if timeline:
             d["timeline"] = [
@@ -187,7 +189,8 @@ class AutoscaleReport:
                 f"{self.peak_replicas} replicas, start-up {self.startup_s:.0f} s",
                 f"churn           {self.scale_events} scale events, {self.replicas_added} added, "
                 f"{self.replicas_removed} removed",
-                f"simulated       {self.simulated_s:.0f} s in {self.wall_s:.1f} s wall",
+                f"simulated       {self.simulated_s:.0f} s in {self.wall_s:.1f} s wall"
+                + (f", reported from {self.warmup_s:.0f} s (warm-up)" if self.warmup_s else ""),
             ]
         )
 
@@ -212,8 +215,11 @@ class AutoscaledSimulator:
         *,
         seed: int = 0,
         use_fast_forward: bool = True,
+        warmup_s: float = 0.0,
         progress: ProgressFn | None = None,
     ) -> None:
+        if warmup_s < 0:
+            raise ValueError(f"warmup_s must be >= 0, got {warmup_s}")
         if config.initial_replicas < 0 or config.tick_s <= 0 or config.observe_window_s <= 0:
             raise ValueError("need initial_replicas >= 0, tick_s > 0 and observe_window_s > 0")
         self.config = config
@@ -223,6 +229,10 @@ class AutoscaledSimulator:
         self.router: Router = router if router is not None else least_loaded
         self.seed = seed
         self.use_fast_forward = use_fast_forward
+        # Simulation warm-up: requests that arrive before it, GPU time before it and scaling
+        # before it are not reported (the policies still see and act on everything), so that a
+        # run cut from a continuous service is not judged on its arbitrary starting fleet.
+        self.warmup_s = warmup_s
         self.progress = progress
         self.startup_s = config.resolved_startup_s()
         self._engine_config = config.engine.engine_config(seed)
@@ -300,17 +310,20 @@ class AutoscaledSimulator:
             return [r for r in replicas if r.state in (_STARTING, _READY)]
 
         def apply(desired: int, now: float) -> None:
-            nonlocal removed, scale_events
+            nonlocal added, removed, scale_events
             current = active()
             if desired == len(current):
                 return
-            scale_events += 1
+            measured = now >= self.warmup_s
+            scale_events += measured
             if desired > len(current):
                 for _ in range(desired - len(current)):
                     new_replica(now, ready_now=False)
+                if not measured:
+                    added -= desired - len(current)
                 return
             excess = len(current) - desired
-            removed += excess
+            removed += excess if measured else 0
             # Replicas still starting go first (newest first), then the least loaded ready ones.
             starting = sorted(
                 (r for r in current if r.state == _STARTING), key=lambda r: -r.start_s
@@ -387,7 +400,8 @@ class AutoscaledSimulator:
                         apply(self.spec.clamp(dec.replicas), t)
                     live = active()
                     n_ready = sum(r.state == _READY for r in live)
-                    peak = max(peak, len(live))
+                    if t >= self.warmup_s:
+                        peak = max(peak, len(live))
                     timeline.append(
                         TimelinePoint(
                             t,
@@ -460,9 +474,11 @@ class AutoscaledSimulator:
         for rep in replicas:
             if rep.state != _GONE:
                 release(rep, end)
-        gpu_s = sum((r.end_s or end) - r.start_s for r in replicas)
-        unfinished = [r.arrival_s for r in held]
-        att = attainment(latencies, self.slo, unfinished_arrivals=unfinished)
+        warm = self.warmup_s
+        gpu_s = sum(max((r.end_s or end) - max(r.start_s, warm), 0.0) for r in replicas)
+        scored = [r for r in latencies if r.arrival_s >= warm]
+        unfinished = [r.arrival_s for r in held if r.arrival_s >= warm]
+        att = attainment(scored, self.slo, unfinished_arrivals=unfinished)
         if self.progress is not None:
             self.progress(1.0)
         return AutoscaleReport(
@@ -471,16 +487,17 @@ class AutoscaledSimulator:
             finished=len(latencies),
             held_requests=held_total,
             attainment=att,
-            ttft=Distribution.of([r.ttft_s for r in latencies]),
-            tpot=Distribution.of([r.tpot_s for r in latencies if r.tpot_s is not None]),
+            ttft=Distribution.of([r.ttft_s for r in scored]),
+            tpot=Distribution.of([r.tpot_s for r in scored if r.tpot_s is not None]),
             gpu_hours=gpu_s * cfg.engine.num_gpus / 3600.0,
             cost=gpu_s / 3600.0 * cfg.resolved_price(),
             scale_events=scale_events,
             replicas_added=added,
             replicas_removed=removed,
-            peak_replicas=max(peak, cfg.initial_replicas),
+            peak_replicas=max(peak, cfg.initial_replicas if warm <= 0 else 0),
             simulated_s=end,
             wall_s=time.perf_counter() - wall0,
             startup_s=self.startup_s,
             timeline=timeline,
+            warmup_s=warm,
         )

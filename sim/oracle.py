@@ -76,8 +76,11 @@ def oracle(
     price_per_replica_hour: float = 0.0,
     router_factory: Callable[[], Router] = lambda: least_loaded,
     seed: int = 0,
+    warmup_s: float = 0.0,
     progress: Callable[[float], None] | None = None,
 ) -> OracleReport:
+    """``warmup_s``: report only what comes after it (as ``AutoscaledSimulator.warmup_s``);
+    intervals that end before it are not solved."""
     if interval_s <= 0 or window_s <= 0 or interval_s % window_s:
         raise ValueError("interval_s must be a positive multiple of window_s")
     wall0 = time.perf_counter()
@@ -91,7 +94,7 @@ def oracle(
     sims = 0
     prev = 1
     for k, reqs in enumerate(buckets):
-        if not reqs:
+        if not reqs or (k + 1) * interval_s <= warmup_s:
             chosen.append(0)
             continue
         cache: dict[int, list[RequestLatency]] = {}
@@ -123,13 +126,14 @@ def oracle(
                     lo = mid + 1
             n = hi
         chosen.append(n)
-        all_latencies.extend(cache[n])
+        all_latencies.extend(r for r in cache[n] if r.arrival_s >= warmup_s)
         prev = n
         if progress is not None:
             progress((k + 1) / n_intervals)
     seconds = 0.0
     for k, n in enumerate(chosen):
-        length = min(interval_s, max(end - k * interval_s, 0.0))
+        start = max(k * interval_s, warmup_s)
+        length = max(min((k + 1) * interval_s, end) - start, 0.0)
         seconds += n * length
     gpu_hours = seconds * engine.num_gpus / 3600.0
     return OracleReport(

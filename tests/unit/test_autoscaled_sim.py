@@ -106,3 +106,20 @@ def test_amplify_multiplies_the_rate_and_keeps_the_span() -> None:
     assert max(r.arrival_s for r in out) <= base[-1].arrival_s
     first_minute = sum(r.arrival_s < 60 for r in out)
     assert first_minute == pytest.approx(4 * 30, abs=8)
+
+
+def test_warmup_is_replayed_but_not_scored() -> None:
+    # A fleet of 1 that grows to 3 at 30 s: scoring from 120 s on leaves out the early
+    # requests, the GPU time before 120 s and the scale-up that happened in the warm-up.
+    work = _workload(rate=4.0, duration=240.0)
+    cfg = FleetConfig(engine=SMALL, initial_replicas=1, startup_s=30.0, tick_s=15.0)
+    full = AutoscaledSimulator(cfg, Scripted([(0, 1), (30, 3)]), SLO).run(work)
+    warm = AutoscaledSimulator(cfg, Scripted([(0, 1), (30, 3)]), SLO, warmup_s=120.0).run(work)
+    assert warm.finished == full.finished == len(work)  # everything still runs
+    late = sum(r.arrival_s >= 120.0 for r in work)
+    assert warm.attainment.requests == late < full.attainment.requests
+    # Three replicas from 120 s to the end are all that is billed.
+    assert warm.gpu_hours == pytest.approx(3 * (warm.simulated_s - 120.0) / 3600, rel=1e-6)
+    assert full.replicas_added == 2 and warm.replicas_added == 0 and warm.scale_events == 0
+    with pytest.raises(ValueError):
+        AutoscaledSimulator(cfg, None, SLO, warmup_s=-1.0)

@@ -107,6 +107,10 @@ class KpaPolicy:
                     desired, reason = current, "kpa: within tolerance"
 
         if self.scale_down_delay_s > 0:
+            if self._delay.max(now) is None:
+                # No history (a fresh start): the running fleet's size stands for the decisions
+                # before it, so a restart or a new autoscaler cannot cut a serving fleet at once.
+                self._delay.add(now, float(current))
             self._delay.add(now, float(desired))
             delayed = int(self._delay.max(now) or desired)
             if delayed > desired:

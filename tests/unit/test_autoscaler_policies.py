@@ -161,6 +161,15 @@ def test_kpa_tolerance_and_scale_down_delay() -> None:
     assert p2.decide(SPEC, obs(121, 4, running=10)).replicas == 2
 
 
+def test_kpa_fresh_start_keeps_the_running_fleet_for_the_scale_down_delay() -> None:
+    # A new (or restarted) KPA has no decision history: the running fleet stands for it, so
+    # one low first sample cannot cut 6 serving replicas to 1 before the delay has passed.
+    p = KpaPolicy(10.0, target_utilization=1.0, scale_down_delay_s=120)
+    assert p.decide(SPEC, obs(0, 6, running=5)).replicas == 6
+    assert p.decide(SPEC, obs(60, 6, running=5)).replicas == 6
+    assert p.decide(SPEC, obs(121, 6, running=5)).replicas == 3  # then max scale-down rate 2
+
+
 def test_build_policy_uses_kpa_defaults_unless_the_model_sets_windows() -> None:
     default = build_policy(AutoscalingPolicy(policy="kpa"))
     assert isinstance(default, KpaPolicy)

@@ -180,17 +180,28 @@ class ManagedProcess:
                 time.sleep(0.1)
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        self.request_stop()
+        self.finish_stop(time.monotonic() + timeout_s)
+
+    def request_stop(self) -> None:
+        """SIGTERM, without waiting (``finish_stop`` waits), so that a fleet stops in parallel."""
         p = self.proc
         if p is None or p.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(p.pid, signal.SIGTERM)
+
+    def finish_stop(self, deadline: float) -> None:
+        """Wait for the process until ``deadline`` (monotonic), then SIGKILL it."""
+        p = self.proc
+        if p is None:
+            return
         try:
-            p.wait(timeout=timeout_s)
+            p.wait(timeout=max(deadline - time.monotonic(), 0.0))
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, signal.SIGKILL)
-            p.wait(timeout=timeout_s)
+            p.wait(timeout=10.0)
 
 
 @dataclass(frozen=True)
@@ -408,11 +419,19 @@ class LocalFleet:
     def dead_child(self) -> ManagedProcess | None:
         return next((p for p in self.children() if p.exited() is not None), None)
 
-    def stop(self) -> None:
-        # Router first so that nothing is routed to engines that are going away.
-        for p in self.children():
+    def stop(self, timeout_s: float = 10.0) -> None:
+        # Router first so that nothing is routed to engines that are going away; then every
+        # engine at once under one deadline, so that a busy machine's slow exits do not add up.
+        if self.router is not None:
             with contextlib.suppress(Exception):
-                p.stop()
+                self.router.stop(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        for p in self.engines:
+            with contextlib.suppress(Exception):
+                p.request_stop()
+        for p in self.engines:
+            with contextlib.suppress(Exception):
+                p.finish_stop(deadline)
 
     def __enter__(self) -> LocalFleet:
         self.start()

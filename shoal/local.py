@@ -443,16 +443,22 @@ class LocalFleet:
 
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM behaves like Ctrl-C, so both run the same cleanup."""
+    """SIGTERM behaves like Ctrl-C, so both run the same cleanup.
+
+    SIGINT gets its handler explicitly too: a shell starts background commands with SIGINT
+    ignored, Python then installs no KeyboardInterrupt handler, and ``kill -INT`` (or a
+    supervisor's interrupt) would leave the fleet running."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, handler)
+    old_term = signal.signal(signal.SIGTERM, handler)
+    old_int = signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
 
 
 def add_up_arguments(p: argparse.ArgumentParser) -> None:

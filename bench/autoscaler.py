@@ -97,7 +97,7 @@ def _plot(
     results: dict[str, dict[str, Any]],
     workload: list[TraceRequest],
     path: Path,
-    args_warmup_s: float,
+    warmup_s: float,
 ) -> None:
     import matplotlib
 
@@ -117,8 +117,8 @@ def _plot(
         xs += [k * orc["interval_s"] / 60, (k + 1) * orc["interval_s"] / 60]
         ys += [n, n]
     ax.plot(xs, ys, "k--", label="oracle")
-    if args_warmup_s > 0:
-        ax.axvspan(0, args_warmup_s / 60, color="grey", alpha=0.15, label="warm-up (not scored)")
+    if warmup_s > 0:
+        ax.axvspan(0, warmup_s / 60, color="grey", alpha=0.15, label="warm-up (not scored)")
     ax.set_xlabel("minutes")
     ax.set_ylabel("replicas (target)")
     ax2 = ax.twinx()

@@ -263,7 +263,6 @@ class AutoscaledSimulator:
             heapq.heappush(heap, (t, kind, seq, rid))
 
         def new_replica(now: float, ready_now: bool) -> None:
-            nonlocal added
             rid = len(replicas)
             core = EngineCore(self._engine_config)
             ready_at = now if ready_now else now + self.startup_s
@@ -271,7 +270,6 @@ class AutoscaledSimulator:
             if ready_now:
                 replicas[rid].state = _READY
             else:
-                added += 1
                 push(ready_at, _READY_EVENT, rid)
 
         def refresh_views() -> None:
@@ -319,8 +317,7 @@ class AutoscaledSimulator:
             if desired > len(current):
                 for _ in range(desired - len(current)):
                     new_replica(now, ready_now=False)
-                if not measured:
-                    added -= desired - len(current)
+                added += desired - len(current) if measured else 0
                 return
             excess = len(current) - desired
             removed += excess if measured else 0

@@ -9,8 +9,12 @@ last sample. Holt's double exponential smoothing keeps both (level l, trend b pe
 
 with the smoothing factors given per reference interval and adapted to the actual gap
 (a' = 1 - (1 - a)^(dt / ref)), so a missed tick does not change what a sample weighs.
-Forecast h seconds ahead: max(0, l + b h). A seasonal (Holt-Winters) term is not used: a day's
-season needs a day of history, and the horizon here is minutes.
+Forecast h seconds ahead: max(0, l + b h), or with Gardner & McKenzie's damped trend (1985)
+max(0, l + b r (phi + phi^2 + ... + phi^k)), k = h / r for the reference interval r: a trend
+measured over the last minutes is not assumed to last for the whole horizon, which keeps a
+short climb from being extrapolated into minutes of over-provisioning. A seasonal
+(Holt-Winters) term is not used: a day's season needs a day of history, and the horizon here is
+minutes.
 """
 
 from __future__ import annotations
@@ -22,16 +26,25 @@ from typing import Any
 class HoltForecaster:
     """Level and trend of a rate sampled at (possibly irregular) times."""
 
-    __slots__ = ("_level", "_t", "_trend", "alpha", "beta", "reference_s")
+    __slots__ = ("_level", "_t", "_trend", "alpha", "beta", "damping", "reference_s")
 
-    def __init__(self, alpha: float = 0.3, beta: float = 0.1, reference_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        alpha: float = 0.3,
+        beta: float = 0.1,
+        reference_s: float = 15.0,
+        damping: float = 1.0,
+    ) -> None:
         if not (0 < alpha <= 1 and 0 <= beta <= 1):
             raise ValueError(f"need 0 < alpha <= 1 and 0 <= beta <= 1, got {alpha}, {beta}")
+        if not 0 < damping <= 1:
+            raise ValueError(f"damping must be in (0, 1], got {damping}")
         if not reference_s > 0:
             raise ValueError(f"reference_s must be > 0, got {reference_s}")
         self.alpha = alpha
         self.beta = beta
         self.reference_s = reference_s
+        self.damping = damping
         self._level: float | None = None
         self._trend = 0.0
         self._t = 0.0
@@ -66,7 +79,14 @@ class HoltForecaster:
     def forecast(self, horizon_s: float) -> float | None:
         if self._level is None:
             return None
-        return max(0.0, self._level + self._trend * max(horizon_s, 0.0))
+        horizon = max(horizon_s, 0.0)
+        phi = self.damping
+        if phi >= 1.0:
+            return max(0.0, self._level + self._trend * horizon)
+        # Sum of phi^1..phi^k for k = horizon / reference (k need not be whole).
+        k = horizon / self.reference_s
+        steps = phi * (1.0 - phi**k) / (1.0 - phi)
+        return max(0.0, self._level + self._trend * self.reference_s * steps)
 
     def export_state(self) -> dict[str, Any]:
         return {"level": self._level, "trend": self._trend, "t": self._t}

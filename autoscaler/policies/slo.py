@@ -62,14 +62,17 @@ class SloPolicy:
         hysteresis: float = DEFAULT_HYSTERESIS,
         scale_down_delay_s: float = DEFAULT_SCALE_DOWN_DELAY_S,
         capacity: CapacityModel | None = None,
+        trend_damping: float = 1.0,
+        scale_down_step_s: float = 0.0,
     ) -> None:
         self.lead_time_s = lead_time_s
         self.headroom = headroom
         self.hysteresis = hysteresis
         self.scale_down_delay_s = scale_down_delay_s
+        self.scale_down_step_s = scale_down_step_s
         self._capacity = capacity
         self._capacity_key: tuple[str, str, int] | None = None
-        self._forecast = HoltForecaster()
+        self._forecast = HoltForecaster(damping=trend_damping)
         self._recommendations = TimeWindow(max(scale_down_delay_s, 1e-9))
         self._ttft_correction = 1.0
         self._tpot_correction = 1.0
@@ -79,6 +82,7 @@ class SloPolicy:
         self._last_busy_s: float | None = None
         self._last_waiting = 0.0
         self._first_seen_s: float | None = None
+        self._last_down_s: float | None = None
 
     def _model(self, spec: PoolSpec) -> CapacityModel:
         key = (spec.model, spec.gpu, spec.gpus_per_replica)
@@ -201,6 +205,16 @@ class SloPolicy:
             if now - self._first_seen_s < self.scale_down_delay_s:
                 highest = current
             target = min(current, max(candidate, highest))
+            if self.scale_down_step_s > 0 and target < current:
+                # One replica at a time, at most one step per interval: each step can still be
+                # undone within a start-up time if the load comes back.
+                recent = (
+                    self._last_down_s is not None
+                    and now - self._last_down_s < self.scale_down_step_s
+                )
+                target = current if recent else max(target, current - 1)
+            if target < current:
+                self._last_down_s = now
             reason = "slo: scale down" if target < current else "slo: scale-down delay"
             if target == 0:
                 reason = "slo: idle, scale to zero"
@@ -231,6 +245,7 @@ class SloPolicy:
             "last_busy_s": self._last_busy_s,
             "last_waiting": self._last_waiting,
             "first_seen_s": self._first_seen_s,
+            "last_down_s": self._last_down_s,
         }
 
     def import_state(self, state: dict[str, Any]) -> None:
@@ -246,3 +261,5 @@ class SloPolicy:
         self._last_waiting = float(state.get("last_waiting", 0.0))
         first = state.get("first_seen_s")
         self._first_seen_s = None if first is None else float(first)
+        last_down = state.get("last_down_s")
+        self._last_down_s = None if last_down is None else float(last_down)

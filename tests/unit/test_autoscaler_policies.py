@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -286,6 +287,22 @@ def test_slo_scales_with_the_rate_and_down_only_after_the_delay() -> None:
     for t in range(300, 700, 15):
         d = p.decide(SPEC, obs(t, up, rate=20.0, running=60))
     assert d.replicas < up
+
+
+def test_slo_steps_down_one_replica_per_step_interval() -> None:
+    p = SloPolicy(scale_down_delay_s=60, lead_time_s=60, scale_down_step_s=60)
+    n = p.decide(SPEC, obs(0, 1, rate=80.0, running=300)).replicas
+    assert n >= 4
+    current = n
+    downs: list[float] = []  # times of the scale-downs
+    for t in range(15, 600, 15):
+        target = p.decide(SPEC, obs(t, current, rate=5.0, running=20)).replicas
+        assert target >= current - 1, "one replica per step"
+        if target < current:
+            downs.append(t)
+        current = target
+    assert len(downs) >= 2, "the load fell to a sixteenth: the fleet must shrink"
+    assert min(b - a for a, b in itertools.pairwise(downs)) >= 60
 
 
 def test_slo_hysteresis_does_not_scale_down_at_the_scale_up_threshold() -> None:

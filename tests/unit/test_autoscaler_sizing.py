@@ -55,6 +55,24 @@ def test_holt_follows_a_linear_ramp_and_forecasts_it() -> None:
     assert f.forecast(120.0) == pytest.approx(10.0 + 0.1 * (now + 120.0), rel=0.02)
 
 
+def test_damped_trend_extrapolates_a_ramp_for_a_bounded_horizon() -> None:
+    plain = HoltForecaster(alpha=0.5, beta=0.3)
+    damped = HoltForecaster(alpha=0.5, beta=0.3, damping=0.8)
+    for i in range(100):
+        for f in (plain, damped):
+            f.update(i * 15.0, 10.0 + 0.1 * i * 15.0)
+    level = damped.level
+    assert level is not None
+    # phi + phi^2 + ... + phi^8 at phi 0.8: 3.33 reference intervals (50 s) of trend, not 120 s.
+    expected = level + damped.trend * 15.0 * (0.8 * (1 - 0.8**8) / 0.2)
+    assert damped.forecast(120.0) == pytest.approx(expected, rel=1e-9)
+    assert level < damped.forecast(120.0) < plain.forecast(120.0)  # type: ignore[operator]
+    # However far ahead, a damped trend adds at most phi / (1 - phi) reference intervals of it.
+    assert damped.forecast(1e6) == pytest.approx(level + damped.trend * 15.0 * 4.0, rel=1e-6)
+    with pytest.raises(ValueError):
+        HoltForecaster(damping=0.0)
+
+
 def test_holt_never_forecasts_below_zero_and_round_trips() -> None:
     f = HoltForecaster()
     for i, x in enumerate([50.0, 40.0, 30.0, 20.0, 10.0, 0.0]):

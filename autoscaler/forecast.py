@@ -85,7 +85,7 @@ class HoltForecaster:
             return max(0.0, self._level + self._trend * horizon)
         # Sum of phi^1..phi^k for k = horizon / reference (k need not be whole).
         k = horizon / self.reference_s
-        steps = phi * (1.0 - phi**k) / (1.0 - phi)
+        steps = phi * (1.0 - math.pow(phi, k)) / (1.0 - phi)
         return max(0.0, self._level + self._trend * self.reference_s * steps)
 
     def export_state(self) -> dict[str, Any]:

@@ -53,6 +53,9 @@ def build_policy(autoscaling: AutoscalingPolicy, *, lead_time_s: float | None = 
             (concurrency or DEFAULT_TARGET_CONCURRENCY) * TARGET_UTILIZATION,
             window_s=autoscaling.stable_window_s,
         )
+    # slo's own default delay is in start-up times (DEFAULT_DELAY_LEAD_TIMES), not the Model's
+    # generic 300 s.
+    delay = autoscaling.scale_down_delay_s if "scale_down_delay_s" in given else None
     if lead_time_s is not None:
-        return SloPolicy(scale_down_delay_s=autoscaling.scale_down_delay_s, lead_time_s=lead_time_s)
-    return SloPolicy(scale_down_delay_s=autoscaling.scale_down_delay_s)
+        return SloPolicy(scale_down_delay_s=delay, lead_time_s=lead_time_s)
+    return SloPolicy(scale_down_delay_s=delay)

@@ -306,7 +306,7 @@ def test_slo_steps_down_one_replica_per_step_interval() -> None:
 
 
 def test_slo_hysteresis_does_not_scale_down_at_the_scale_up_threshold() -> None:
-    p = SloPolicy(scale_down_delay_s=0, lead_time_s=60, headroom=0.0)
+    p = SloPolicy(scale_down_delay_s=0, lead_time_s=60, headroom=0.0, hysteresis=0.15)
     n = p.decide(SPEC, obs(0, 1, rate=40.0, running=100)).replicas
     # Slightly less load: still the same count (down needs 15% more room).
     for t in range(15, 200, 15):

@@ -48,6 +48,8 @@ class Attainment:
     both_ok: float
     windows: int
     windows_ok: float
+    # Start times (s) of the windows that missed, in order: where to look in a timeline.
+    missed_window_starts: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, float]:
         return {
@@ -99,15 +101,15 @@ def attainment(
         unfinished += 1
         missed_windows.add(int(t // window_s))
     windows = set(ttfts) | missed_windows
-    ok = 0
-    for w in windows:
-        if w in missed_windows:
-            continue
-        if percentile(ttfts[w], slo.percentile) > ttft_max:
-            continue
-        if tpots[w] and percentile(tpots[w], slo.percentile) > tpot_max:
-            continue
-        ok += 1
+    missed: list[int] = []
+    for w in sorted(windows):
+        if (
+            w in missed_windows
+            or percentile(ttfts[w], slo.percentile) > ttft_max
+            or (tpots[w] and percentile(tpots[w], slo.percentile) > tpot_max)
+        ):
+            missed.append(w)
+    ok = len(windows) - len(missed)
     total = n + unfinished
     return Attainment(
         requests=total,
@@ -117,4 +119,5 @@ def attainment(
         both_ok=both / total if total else 1.0,
         windows=len(windows),
         windows_ok=ok / len(windows) if windows else 1.0,
+        missed_window_starts=tuple(w * window_s for w in missed),
     )

@@ -96,6 +96,7 @@ def test_attainment_per_request_and_per_window() -> None:
     assert a.tpot_ok == pytest.approx(120 / 121)
     # Window 1 has a p95 TTFT of 2 s (10 of 60 are slow); window 2 has an unfinished request.
     assert a.windows == 3 and a.windows_ok == pytest.approx(1 / 3)
+    assert a.missed_window_starts == (60.0, 120.0)
 
 
 def test_amplify_multiplies_the_rate_and_keeps_the_span() -> None:

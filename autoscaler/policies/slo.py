@@ -40,7 +40,7 @@ DEFAULT_HEADROOM = 0.1
 # Load-based hysteresis on top of the scale-down delay. Off by default: the delay already keeps
 # the highest recommendation of the last minutes, and a load margin on top of it costs a whole
 # replica whenever the fleet is small (one replica is 15-25% of a 4-7 replica pool). On the
-# full-hour Azure trace (docs/benchmarks.md) 15% hysteresis cost 10% more GPU-hours for no
+# full-hour Azure trace (docs/benchmarks.md) 15% hysteresis cost 5% more GPU-hours for no
 # minute of attainment.
 DEFAULT_HYSTERESIS = 0.0
 # Scale-down delay in start-up times, when the Model does not set one. Giving a replica back and

@@ -60,6 +60,13 @@ def _replicas_per_minute(workload: list[TraceRequest], spec: EngineSpec) -> list
     return need
 
 
+def fleet_bounds(per_minute: list[int], warmup_s: float) -> tuple[int, int]:
+    """Default (initial, maximum) replicas: a fleet that had been serving before the window,
+    sized for the warm-up's busiest minute, and 3x the busiest minute's count."""
+    warm_minutes = per_minute[: max(1, math.ceil(warmup_s / 60))]
+    return max(warm_minutes), 3 * max(per_minute)
+
+
 def _run(job: tuple[str, argparse.Namespace, int, int, int]) -> dict[str, Any]:
     name, args, peak, initial, max_replicas = job
     workload = _workload(args)
@@ -184,10 +191,11 @@ def main() -> int:
     workload = _workload(args)
     per_minute = _replicas_per_minute(workload, EngineSpec())
     peak = max(per_minute)
-    # A fleet that had been serving before the window: sized for the warm-up's busiest minute.
-    warm_minutes = per_minute[: max(1, math.ceil(args.warmup_s / 60))]
-    initial = max(warm_minutes) if args.initial_replicas is None else args.initial_replicas
-    max_replicas = 3 * peak if args.max_replicas is None else args.max_replicas
+    initial, max_replicas = fleet_bounds(per_minute, args.warmup_s)
+    if args.initial_replicas is not None:
+        initial = args.initial_replicas
+    if args.max_replicas is not None:
+        max_replicas = args.max_replicas
     names = [n for n in args.policies.split(",") if n]
     unknown = set(names) - {"oracle", *POLICIES}
     if unknown:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import shoal.autoscaler.sizing as sizing
-from autoscaler import DEFAULT_TRACE, SLO, _replicas_per_minute, _workload
+from autoscaler import DEFAULT_TRACE, SLO, _replicas_per_minute, _workload, fleet_bounds
 from shoal.autoscaler.policies.slo import SloPolicy
 from shoal.sim.autoscaled import AutoscaledSimulator, FleetConfig
 from shoal.sim.cluster import EngineSpec
@@ -52,13 +52,13 @@ def _run(job: tuple[str, dict[str, float], argparse.Namespace]) -> dict[str, Any
     sizing.SEQS_PLANNING_LIMIT = settings.get("planning", DEFAULT_PLANNING)
     workload = _workload(args)
     per_minute = _replicas_per_minute(workload, EngineSpec())
-    initial = max(per_minute[: max(1, int(args.warmup_s // 60))])
+    initial, max_replicas = fleet_bounds(per_minute, args.warmup_s)
     policy = SloPolicy(**{k: v for k, v in settings.items() if k in KWARGS})  # type: ignore[arg-type]
     cfg = FleetConfig(
         engine=EngineSpec(),
         initial_replicas=initial,
         min_replicas=1,
-        max_replicas=3 * max(per_minute),
+        max_replicas=max_replicas,
     )
     sim = AutoscaledSimulator(cfg, policy, SLO, warmup_s=args.warmup_s)
     rep = sim.run(workload)

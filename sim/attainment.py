@@ -95,16 +95,16 @@ def attainment(
         ttfts[w].append(r.ttft_s)
         if r.tpot_s is not None:
             tpots[w].append(r.tpot_s)
-    missed_windows: set[int] = set()
+    unfinished_windows: set[int] = set()
     unfinished = 0
     for t in unfinished_arrivals:
         unfinished += 1
-        missed_windows.add(int(t // window_s))
-    windows = set(ttfts) | missed_windows
+        unfinished_windows.add(int(t // window_s))
+    windows = set(ttfts) | unfinished_windows
     missed: list[int] = []
     for w in sorted(windows):
         if (
-            w in missed_windows
+            w in unfinished_windows
             or percentile(ttfts[w], slo.percentile) > ttft_max
             or (tpots[w] and percentile(tpots[w], slo.percentile) > tpot_max)
         ):

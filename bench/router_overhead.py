@@ -32,7 +32,7 @@ from report import command_line, machine_facts, update_section
 from shoal.bench import workloads as wl
 from shoal.bench.client import run_open_loop
 from shoal.bench.peers import RouterUnderTest, ensure_peers, router_process
-from shoal.bench.report import Summary, summarize
+from shoal.bench.report import Summary, percentile, summarize
 from shoal.local import ManagedProcess, free_port
 
 MODEL = "tiny"
@@ -45,7 +45,10 @@ def start_engines(n: int, log_dir: Path) -> tuple[list[ManagedProcess], list[str
     )
 
 
-async def measure(urls: str | Sequence[str], rate: float, duration_s: float, seed: int) -> Summary:
+async def measure(
+    urls: str | Sequence[str], rate: float, duration_s: float, seed: int
+) -> tuple[Summary, list[float]]:
+    """The run's summary and its successful requests' end-to-end latencies (ms)."""
     n = max(1, int(rate * duration_s))
     reqs = wl.random_prompts(
         wl.arrival_times(rate, n, kind="poisson", seed=seed),
@@ -54,7 +57,7 @@ async def measure(urls: str | Sequence[str], rate: float, duration_s: float, see
         seed=seed,
     )
     run = await run_open_loop(urls, reqs, model=MODEL, stream=False, progress=False, timeout_s=30)
-    return summarize(run)
+    return summarize(run), [r.e2e_s * 1000.0 for r in run.results if r.ok and r.e2e_s is not None]
 
 
 def sustained(s: Summary, rate: float, p99_bound_ms: float) -> bool:
@@ -73,7 +76,7 @@ def main() -> int:
     ap.add_argument("--rates", default="50,100,200,400")
     ap.add_argument("--duration-s", type=float, default=10.0)
     ap.add_argument(
-        "--repeats", type=int, default=2, help="runs per (router, rate); spread reported"
+        "--repeats", type=int, default=4, help="runs per (router, rate); spread reported"
     )
     ap.add_argument("--engines", type=int, default=2)
     ap.add_argument("--max-rate-steps", default="400,600,800,1000,1300,1600")
@@ -103,15 +106,22 @@ def main() -> int:
                 p.stop()
         # results[label][rate] = list of summaries (one per repeat)
         results: dict[str, dict[float, list[Summary]]] = {"direct": {}}
+        # pooled[label][rate] = end-to-end latencies (ms) of every repeat together
+        pooled: dict[str, dict[float, list[float]]] = {"direct": {}}
         for r in procs:
             results[r.label] = {}
+            pooled[r.label] = {}
         for rate in rates:
             for rep in range(args.repeats):
                 targets: list[tuple[str, str | Sequence[str]]] = [("direct", urls)]
                 targets += [(r.label, p.url) for r, p in procs.items()]
-                for label, target in targets:
-                    s = asyncio.run(measure(target, rate, args.duration_s, seed=rep))
+                # Rotate the order every repeat: a slow drift of the machine (another process,
+                # thermal, page cache) then lands on every router in turn, not always on the last.
+                shift = rep % len(targets)
+                for label, target in targets[shift:] + targets[:shift]:
+                    s, e2e = asyncio.run(measure(target, rate, args.duration_s, seed=rep))
                     results[label].setdefault(rate, []).append(s)
+                    pooled[label].setdefault(rate, []).extend(e2e)
                     print(
                         f"{label:<28} {rate:>6.0f} req/s  p50 {s.e2e_ms['p50']:7.2f} ms  "
                         f"p99 {s.e2e_ms['p99']:7.2f} ms  ok {s.ok}/{s.requests}",
@@ -121,7 +131,7 @@ def main() -> int:
         for label, target in [("direct", urls), *[(r.label, p.url) for r, p in procs.items()]]:
             best = 0.0
             for step in [float(x) for x in args.max_rate_steps.split(",")]:
-                s = asyncio.run(measure(target, step, min(args.duration_s, 6.0), seed=99))
+                s, _ = asyncio.run(measure(target, step, min(args.duration_s, 6.0), seed=99))
                 ok = sustained(s, step, args.p99_bound_ms)
                 print(
                     f"{label:<28} max-rate probe {step:>6.0f}: {'ok' if ok else 'not sustained'} "
@@ -137,7 +147,7 @@ def main() -> int:
             p.stop()
         for e in engines:
             e.stop()
-    body = render(args, rates, results, max_rate, errors, list(procs))
+    body = render(args, rates, results, pooled, max_rate, errors, list(procs))
     print(body)
     if not args.no_write:
         update_section("router-overhead", body)
@@ -153,6 +163,7 @@ def render(
     args: argparse.Namespace,
     rates: list[float],
     results: dict[str, dict[float, list[Summary]]],
+    pooled: dict[str, dict[float, list[float]]],
     max_rate: dict[str, float],
     errors: dict[str, str],
     routers: list[RouterUnderTest],
@@ -165,15 +176,19 @@ def render(
         "",
         f"{args.engines} `shoal sim` engines (model `tiny`, sub-millisecond steps), short non-streaming "
         "requests (32 prompt tokens, 4 output tokens), Poisson arrivals, "
-        f"{args.duration_s:g} s per point, {args.repeats} runs per point (median shown, range in "
-        "brackets). Added latency = end-to-end through the router − end-to-end calling the engines "
-        "directly (round-robin by the client), at the same percentile. Every router uses its "
+        f"{args.duration_s:g} s per point, {args.repeats} runs per point, in an order rotated every "
+        "repeat. Added latency = end-to-end through the router − end-to-end calling the engines "
+        "directly (round-robin by the client), at the same percentile. 'pooled' takes each "
+        "percentile over every repeat's requests together (the headline: a p99 from "
+        f"{args.repeats}× the tail samples); 'per run' is the median and [range] of the repeats' "
+        "own differences, to show the noise. Every router uses its "
         "round-robin policy so that only the proxy path is compared. The client, the engines and all "
         "routers share this machine's cores: the numbers include CPU contention, and the 'max rate' is "
         "the machine's limit for engines + router + client together, not the router's alone.",
         "",
-        "| router | rate (req/s) | p50 added (ms) | p99 added (ms) | p99 ratio Shoal / best peer |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| router | rate (req/s) | p50 added, pooled (ms) | p99 added, pooled (ms) | "
+        "p50 added, per run | p99 added, per run | p99 ratio Shoal / best peer (pooled) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     shoal = next((r.label for r in routers if r.impl == "shoal"), None)
     peers = [r.label for r in routers if r.impl != "shoal"]
@@ -186,20 +201,29 @@ def render(
             runs = results[label].get(rate, [])
             return [r.e2e_ms[key] - dr.e2e_ms[key] for r, dr in zip(runs, d, strict=False)]
 
+        direct_all = pooled["direct"].get(rate, [])
+
+        def pooled_added(
+            label: str, q: float, rate: float = rate, direct_all: list[float] = direct_all
+        ) -> float:
+            return percentile(pooled[label].get(rate, []), q) - percentile(direct_all, q)
+
         lines.append(
-            f"| direct (baseline) | {rate:g} | p50 {_med([s.e2e_ms['p50'] for s in d]):.2f} | "
-            f"p99 {_med([s.e2e_ms['p99'] for s in d]):.2f} | |"
+            f"| direct (baseline) | {rate:g} | p50 {percentile(direct_all, 50):.2f} | "
+            f"p99 {percentile(direct_all, 99):.2f} | | | |"
         )
-        best_peer = min((_med(added(p, "p99")) for p in peers), default=None)
+        best_peer = min((pooled_added(p, 99) for p in peers if pooled[p].get(rate)), default=None)
         for r in routers:
             a50, a99 = added(r.label, "p50"), added(r.label, "p99")
             if not a50:
                 continue
+            p50, p99 = pooled_added(r.label, 50), pooled_added(r.label, 99)
             ratio = ""
             if r.label == shoal and best_peer is not None:
-                ratio = f"{_med(a99) / best_peer:.2f}×" if best_peer > 0 else "n/a (peer ≤ 0)"
+                ratio = f"{p99 / best_peer:.2f}×" if best_peer > 0 else "n/a (peer ≤ 0)"
             lines.append(
-                f"| {r.label} | {rate:g} | {_med(a50):.2f} [{min(a50):.2f}, {max(a50):.2f}] | "
+                f"| {r.label} | {rate:g} | {p50:.2f} | {p99:.2f} | "
+                f"{_med(a50):.2f} [{min(a50):.2f}, {max(a50):.2f}] | "
                 f"{_med(a99):.2f} [{min(a99):.2f}, {max(a99):.2f}] | {ratio} |"
             )
     lines += [

@@ -12,10 +12,10 @@ Every tick:
    steady (all replicas ready, nothing held at the router).
 3. Fast path for bursts that the windowed rate has not caught yet: a growing engine queue adds
    the replicas that would drain it within ``QUEUE_DRAIN_S``; KV saturation adds at least one.
-4. Scale up at once. Scale down only once every recommendation over the last
-   ``scale_down_delay_s`` allowed it (the highest of them is taken; by default two start-up
-   times, see ``DEFAULT_DELAY_LEAD_TIMES``), optionally to the count that would still meet the
-   SLO with ``hysteresis`` more load, and optionally one replica per ``scale_down_step_s``.
+4. Scale up at once. Scale down only to the count that would still meet the SLO with
+   ``hysteresis`` (10%) more load, and only once every recommendation over the last
+   ``scale_down_delay_s`` allowed it (the highest of them is taken; by default one start-up
+   time, see ``DEFAULT_DELAY_LEAD_TIMES``); optionally one replica per ``scale_down_step_s``.
 5. Scale to zero when the Model allows it (``min_replicas == 0``) after no request arrived,
    ran or waited for ``scale_down_delay_s``; scale from zero on any request the router holds.
 
@@ -37,19 +37,19 @@ from shoal.autoscaler.sizing import CapacityModel
 # the live loop passes the pool's own figure when it knows it.
 DEFAULT_LEAD_TIME_S = 120.0
 DEFAULT_HEADROOM = 0.1
-# Load-based hysteresis on top of the scale-down delay. Off by default: the delay already keeps
-# the highest recommendation of the last minutes, and a load margin on top of it costs a whole
-# replica whenever the fleet is small (one replica is 15-25% of a 4-7 replica pool). On the
-# full-hour Azure trace (docs/benchmarks.md) 15% hysteresis cost 5% more GPU-hours for no
-# minute of attainment.
-DEFAULT_HYSTERESIS = 0.0
+# Scale down only to a count that would still meet the SLO with this much more load than the
+# (already headroomed) forecast: the margin a smaller fleet needs to ride out a climb while a
+# replacement would be starting. It is what protects the SLO on the way down; the delay below
+# only filters dips. On the full-hour Azure trace (docs/benchmarks.md) it held the 7 replicas of
+# one peak through the steepest climb four minutes later (102 -> 134 req/s in two minutes), which
+# a longer delay without it also did, at more GPU-hours; 5% was not enough (minutes 43-44 missed).
+DEFAULT_HYSTERESIS = 0.1
 # Scale-down delay in start-up times, when the Model does not set one. Giving a replica back and
-# needing it again costs a start-up (GPU paid, nothing served) and risks the SLO meanwhile; as in
-# the ski-rental argument, holding capacity for about the cost of re-acquiring it bounds the
-# waste, and a second start-up time covers the SLO risk. At the 120 s lead of an 8B model that is
-# 240 s; the trace's steepest climb (102 -> 134 req/s within two minutes) came 4 minutes after
-# the previous peak, which 180 s did not cover (the notes in docs/benchmarks.md).
-DEFAULT_DELAY_LEAD_TIMES = 2.0
+# needing it again costs a start-up (GPU paid, nothing served): as in the ski-rental argument,
+# holding spare capacity for about the cost of re-acquiring it bounds the waste to twice the
+# best choice in hindsight. With the hysteresis guarding the SLO, one start-up time (120 s for an
+# 8B model) was enough on the trace; 60 s let the fleet shrink into dips it then missed.
+DEFAULT_DELAY_LEAD_TIMES = 1.0
 # Trend damping per 15 s forecast step (Gardner & McKenzie): over a 120 s lead the trend counts
 # for about 63 s. Undamped, the climb at the start of a busy period was extrapolated into
 # minutes of two replicas too many (damped 0.85: 5.62 -> 5.42 GPU-hours, same attainment).

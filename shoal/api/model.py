@@ -337,7 +337,12 @@ class AutoscalingPolicy(_Base):
         default=2.0, gt=1, description="Load over capacity ratio that enters panic mode."
     )
     scale_down_delay_s: float = Field(
-        default=300.0, ge=0, description="Seconds the load must stay low before scaling down."
+        default=300.0,
+        ge=0,
+        description=(
+            "Seconds the load must stay low before scaling down. The slo policy uses one pool "
+            "start-up time instead when this is not set."
+        ),
     )
     heterogeneous: bool = Field(
         default=True, description="Place replicas on the cheapest GPU mix that meets the SLO."

@@ -313,6 +313,24 @@ def test_slo_hysteresis_does_not_scale_down_at_the_scale_up_threshold() -> None:
         assert p.decide(SPEC, obs(t, n, rate=38.0, running=95)).replicas == n
 
 
+def test_slo_default_margin_keeps_a_replica_near_the_threshold_but_not_far_below() -> None:
+    """The defaults guard the way down by load (10% margin) and wait one start-up time."""
+    near = SloPolicy(lead_time_s=60, headroom=0.0)
+    far = SloPolicy(lead_time_s=60, headroom=0.0)
+    # On SPEC the count steps from 2 to 3 between 44 and 46 req/s. No running count is given,
+    # so that the online batch correction stays out of it.
+    n = near.decide(SPEC, obs(0, 1, rate=48.0)).replicas
+    assert far.decide(SPEC, obs(0, 1, rate=48.0)).replicas == n == 3
+    far_targets = []
+    for t in range(15, 300, 15):
+        # 43 req/s alone needs 2, but 43 + 10% needs 3: the third replica stays.
+        assert near.decide(SPEC, obs(t, n, rate=43.0)).replicas == n
+        far_targets.append(far.decide(SPEC, obs(t, n, rate=10.0)).replicas)
+    # A fifth of the load: the fleet shrinks, but not before one start-up time (60 s) passed.
+    assert far_targets[:3] == [n, n, n]
+    assert far_targets[-1] < n
+
+
 def test_slo_scale_to_zero_and_from_zero() -> None:
     spec = PoolSpec(
         model=SPEC.model,

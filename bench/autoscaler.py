@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,11 @@ from report import REPO, command_line, machine_facts, update_section
 
 from shoal.api.model import AutoscalingPolicy
 from shoal.autoscaler.policies import build_policy
+from shoal.autoscaler.policy import Policy
 from shoal.autoscaler.sizing import CapacityModel
 from shoal.sim.amplify import amplify_workload
 from shoal.sim.attainment import SloTarget
-from shoal.sim.autoscaled import AutoscaledSimulator, FleetConfig
+from shoal.sim.autoscaled import AutoscaledSimulator, AutoscaleReport, FleetConfig
 from shoal.sim.cluster import EngineSpec
 from shoal.sim.oracle import oracle
 from shoal.sim.trace import TraceRequest, load_azure_trace
@@ -67,6 +69,22 @@ def fleet_bounds(per_minute: list[int], warmup_s: float) -> tuple[int, int]:
     return max(warm_minutes), 3 * max(per_minute)
 
 
+def simulate_pool(
+    workload: list[TraceRequest],
+    policy: Policy | None,
+    *,
+    initial: int,
+    max_replicas: int,
+    warmup_s: float,
+    progress: Callable[[float], None] | None = None,
+) -> AutoscaleReport:
+    """The bench's pool (one H100 per replica, min 1) under ``policy`` (None: static)."""
+    cfg = FleetConfig(
+        engine=EngineSpec(), initial_replicas=initial, min_replicas=1, max_replicas=max_replicas
+    )
+    return AutoscaledSimulator(cfg, policy, SLO, warmup_s=warmup_s, progress=progress).run(workload)
+
+
 def _run(job: tuple[str, argparse.Namespace, int, int, int]) -> dict[str, Any]:
     name, args, peak, initial, max_replicas = job
     workload = _workload(args)
@@ -84,16 +102,19 @@ def _run(job: tuple[str, argparse.Namespace, int, int, int]) -> dict[str, Any]:
     policy = None if name == "static-peak" else build_policy(AutoscalingPolicy(policy=name))
     if name == "static-peak":
         initial = peak
-    cfg = FleetConfig(
-        engine=spec, initial_replicas=initial, min_replicas=1, max_replicas=max_replicas
-    )
 
     def progress(frac: float) -> None:
         bar = "#" * int(frac * 30)
         print(f"\r{name:>12} [{bar:<30}] {frac:5.1%}", end="", file=sys.stderr, flush=True)
 
-    sim = AutoscaledSimulator(cfg, policy, SLO, warmup_s=args.warmup_s, progress=progress)
-    rep = sim.run(workload)
+    rep = simulate_pool(
+        workload,
+        policy,
+        initial=initial,
+        max_replicas=max_replicas,
+        warmup_s=args.warmup_s,
+        progress=progress,
+    )
     print(file=sys.stderr)
     d = rep.to_dict(timeline=True)
     d["name"] = name

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import shoal.autoscaler.sizing as sizing
-from autoscaler import DEFAULT_TRACE, SLO, _replicas_per_minute, _workload, fleet_bounds
+from autoscaler import DEFAULT_TRACE, _replicas_per_minute, _workload, fleet_bounds, simulate_pool
 from shoal.autoscaler.policies.slo import SloPolicy
-from shoal.sim.autoscaled import AutoscaledSimulator, FleetConfig
 from shoal.sim.cluster import EngineSpec
 
 DEFAULT_PLANNING = sizing.SEQS_PLANNING_LIMIT
@@ -46,22 +45,18 @@ def parse_variant(text: str) -> tuple[str, dict[str, float]]:
     return name or "default", settings
 
 
-def _run(job: tuple[str, dict[str, float], argparse.Namespace]) -> dict[str, Any]:
-    name, settings, args = job
+def _run(job: tuple[str, dict[str, float], argparse.Namespace, int, int]) -> dict[str, Any]:
+    name, settings, args, initial, max_replicas = job
     # A worker runs several variants: set the limit every time, not only when it differs.
     sizing.SEQS_PLANNING_LIMIT = settings.get("planning", DEFAULT_PLANNING)
-    workload = _workload(args)
-    per_minute = _replicas_per_minute(workload, EngineSpec())
-    initial, max_replicas = fleet_bounds(per_minute, args.warmup_s)
     policy = SloPolicy(**{k: v for k, v in settings.items() if k in KWARGS})  # type: ignore[arg-type]
-    cfg = FleetConfig(
-        engine=EngineSpec(),
-        initial_replicas=initial,
-        min_replicas=1,
+    rep = simulate_pool(
+        _workload(args),
+        policy,
+        initial=initial,
         max_replicas=max_replicas,
+        warmup_s=args.warmup_s,
     )
-    sim = AutoscaledSimulator(cfg, policy, SLO, warmup_s=args.warmup_s)
-    rep = sim.run(workload)
     return {
         "name": name,
         "settings": settings,
@@ -83,8 +78,13 @@ def main() -> int:
     parser.add_argument("--variant", action="append", default=[], help="name:key=value,...")
     args = parser.parse_args()
     variants = [parse_variant(v) for v in args.variant or ["default:"]]
+    # The same starting fleet and maximum as bench/autoscaler.py, computed once for all variants.
+    initial, max_replicas = fleet_bounds(
+        _replicas_per_minute(_workload(args), EngineSpec()), args.warmup_s
+    )
+    jobs = [(n, s, args, initial, max_replicas) for n, s in variants]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(_run, [(n, s, args) for n, s in variants]))
+        rows = list(pool.map(_run, jobs))
     print("| variant | settings | windows met | minutes missed | GPU-hours | churn | peak |")
     print("| --- | --- | ---: | --- | ---: | ---: | ---: |")
     for r in rows:

@@ -13,10 +13,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from starlette.applications import Starlette
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from shoal.router.admission import AdmissionController
 from shoal.router.catalog import DeclaredCatalog, KubernetesCatalogSource
@@ -54,7 +56,7 @@ class RouterComponents:
     saturation: SaturationPolicy
     admission: AdmissionController
     metrics: RouterMetrics
-    client: httpx.AsyncClient
+    client: httpx.AsyncClient | None  # a test's own upstream client, closed at shutdown
     scrapers: ScraperPool
     subscriber: KvEventSubscriber | None
     shared: SharedState | None
@@ -125,19 +127,6 @@ def build_components(
         max_tenants=config.max_tenants,
     )
     metrics = RouterMetrics()
-    client = http_client or httpx.AsyncClient(
-        timeout=httpx.Timeout(
-            connect=config.connect_timeout_s,
-            read=config.read_timeout_s,
-            write=30.0,
-            pool=config.connect_timeout_s,
-        ),
-        limits=httpx.Limits(
-            max_connections=config.max_connections,
-            max_keepalive_connections=config.max_connections,
-            keepalive_expiry=30.0,
-        ),
-    )
     holds = HoldQueue(max_per_name=config.hold.max_per_model, timeout_s=config.hold.timeout_s)
 
     def on_fresh_metrics() -> None:
@@ -146,8 +135,19 @@ def build_components(
             holds.notify()
 
     subscriber = KvEventSubscriber(kv_index) if config.kv_events == "auto" else None
+    # Requests and scrapes share one lean pooled client, unless a test hands in its own httpx
+    # client (for example over an ASGI transport).
+    upstream: Upstream = (
+        HttpxUpstream(http_client)
+        if http_client is not None
+        else PooledUpstream(
+            connect_timeout_s=config.connect_timeout_s,
+            read_timeout_s=config.read_timeout_s,
+            max_idle_per_endpoint=config.max_connections,
+        )
+    )
     scrapers = ScraperPool(
-        client,
+        upstream,
         store,
         interval_s=config.scrape_interval_s,
         models_refresh_s=config.models_refresh_s,
@@ -168,17 +168,6 @@ def build_components(
         )
         if config.redis_url
         else None
-    )
-    # Scrapes go through httpx (a few per second); requests through the lean pooled client,
-    # unless a test hands in its own httpx client (for example over an ASGI transport).
-    upstream: Upstream = (
-        HttpxUpstream(http_client)
-        if http_client is not None
-        else PooledUpstream(
-            connect_timeout_s=config.connect_timeout_s,
-            read_timeout_s=config.read_timeout_s,
-            max_idle_per_endpoint=config.max_connections,
-        )
     )
     hold = config.hold
     catalog = DeclaredCatalog(hold.max_declared)
@@ -223,7 +212,7 @@ def build_components(
         saturation=saturation,
         admission=admission,
         metrics=metrics,
-        client=client,
+        client=http_client,
         scrapers=scrapers,
         subscriber=subscriber,
         shared=shared,
@@ -261,13 +250,27 @@ async def _sweep(c: RouterComponents) -> None:
         c.admission.pump_all()
 
 
+class RouterApp(Starlette):
+    """The router's ASGI app: inference requests go straight to the gateway (its hot path);
+    everything else (models, health, metrics, lifespan) through Starlette as usual."""
+
+    def __init__(self, gateway: Gateway, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and await self.gateway.serve(scope, receive, send):
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_router_app(
     config: RouterConfig,
     *,
     discovery: Discovery | None = None,
     tokenizers: TokenizerProvider | None = None,
     http_client: httpx.AsyncClient | None = None,
-) -> Starlette:
+) -> RouterApp:
     """The router as an ASGI app; ``http_client`` (the upstream client) is for tests that
     reach engines in-process. The app closes it at shutdown either way."""
     components = build_components(
@@ -301,9 +304,11 @@ def create_router_app(
                 await components.shared.forget()
                 await components.shared.close()
             await components.gateway.upstream.aclose()
-            await components.client.aclose()
+            if components.client is not None:
+                await components.client.aclose()
 
-    app = Starlette(
+    app = RouterApp(
+        g,
         routes=[
             Route("/v1/chat/completions", g.chat_completions, methods=["POST"]),
             Route("/v1/completions", g.completions, methods=["POST"]),

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from shoal.hashing import block_hashes
 from shoal.router.admission import AdmissionController, Rejected
@@ -68,6 +68,10 @@ _DROP_RESPONSE_HEADERS = frozenset(
 
 
 # --------------------------------------------------------------------------- errors and bodies
+
+
+# Inference paths the gateway proxies, and the request kind each body is parsed as.
+_PROXY_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
 
 class ApiError(Exception):
@@ -334,6 +338,35 @@ class Gateway:
 
     async def completions(self, request: Request) -> Response:
         return await self._handle(request, "completion", "/v1/completions")
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Answer a proxied request as a plain ASGI call; False if ``scope`` is not one.
+
+        The two inference routes are every request's path through the router, so they skip
+        the web framework's routing and middleware layers (each wraps every ``send``). What
+        those layers add here is kept: an unexpected exception is logged and answered with
+        an OpenAI-shaped 500 when no byte of the response went out yet.
+        """
+        kind = _PROXY_KINDS.get(scope["path"]) if scope["method"] == "POST" else None
+        if kind is None:
+            return False
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            response = await self._handle(Request(scope, receive), kind, scope["path"])
+            await response(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unexpected error serving %s", scope["path"])
+            if started:
+                raise  # the server closes the connection: a truncated response, not a hang
+            error = ApiError(500, "internal router error", "internal_server_error")
+            await error.response()(scope, receive, send)
+        return True
 
     # ---------------------------------------------------------------------------- pieces
 

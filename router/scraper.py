@@ -13,15 +13,14 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-
 from shoal.router.engine_state import EngineStateStore
 from shoal.router.types import Endpoint, EngineMetrics
+from shoal.router.upstream import Upstream, UpstreamConnectError, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +67,28 @@ def _split(line: str) -> tuple[str, str, float] | None:
         return None
 
 
+def _wanted_lines(text: str) -> Iterator[tuple[str, str]]:
+    """(family, sample line) for every sample of the families the router reads.
+
+    Jumps from one occurrence of a wanted name to the next with ``str.find`` (C speed) instead
+    of splitting ~600 lines in Python: the exposition is mostly histogram buckets.
+    """
+    size = len(text)
+    for name in _WANTED:
+        needle = "\n" + name
+        # Index of the first character of a candidate line, or -1 when there is none left.
+        start = 0 if text.startswith(name) else text.find(needle) + 1 or -1
+        while start != -1:
+            after = start + len(name)
+            end = text.find("\n", after)
+            if end == -1:
+                end = size
+            if after < size and text[after] in "{ ":  # not a longer name sharing this prefix
+                yield name, text[start:end]
+            found = text.find(needle, end)
+            start = -1 if found == -1 else found + 1
+
+
 def parse_engine_metrics(text: str, model: str | None = None) -> ScrapeResult:
     """The load signals in a vLLM ``/metrics`` text.
 
@@ -78,17 +99,7 @@ def parse_engine_metrics(text: str, model: str | None = None) -> ScrapeResult:
     m = EngineMetrics()
     block_size: int | None = None
     lora_stamp = -1.0
-    for line in text.split("\n"):
-        if not line.startswith("vllm:"):
-            continue
-        end = len(line)
-        for stop in ("{", " "):
-            i = line.find(stop)
-            if 0 <= i < end:
-                end = i
-        name = line[:end]
-        if name not in _WANTED:
-            continue
+    for name, line in _wanted_lines(text):
         parsed = _split(line)
         if parsed is None:
             continue
@@ -202,7 +213,7 @@ class ScraperPool:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        upstream: Upstream,
         store: EngineStateStore,
         *,
         interval_s: float = 0.2,
@@ -211,7 +222,7 @@ class ScraperPool:
         on_kv_source: KvSourceHook | None = None,
         on_update: Callable[[str], None] | None = None,
     ) -> None:
-        self._client = client
+        self._upstream = upstream
         self._store = store
         self._interval = interval_s
         self._models_refresh = models_refresh_s
@@ -220,7 +231,7 @@ class ScraperPool:
         self._on_update = on_update
         self._tasks: dict[str, asyncio.Task[None]] = {}
         # Long enough for a busy engine, short enough that a hung one turns stale quickly.
-        self._timeout = httpx.Timeout(max(1.0, 4 * interval_s), connect=max(0.5, interval_s))
+        self._timeout_s = max(1.0, 4 * interval_s)
 
     def add(self, endpoint: Endpoint) -> None:
         if endpoint.url in self._tasks:
@@ -243,26 +254,29 @@ class ScraperPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    async def _get_ok(self, endpoint: Endpoint, path: str) -> bytes:
+        status, body = await self._upstream.get(endpoint.url, path, self._timeout_s)
+        if status != 200:
+            raise UpstreamError(f"GET {path} answered HTTP {status}")
+        return body
+
     async def scrape_once(self, endpoint: Endpoint, model: str | None) -> None:
-        resp = await self._client.get(endpoint.url + "/metrics", timeout=self._timeout)
-        resp.raise_for_status()
-        result = parse_engine_metrics(resp.text, model)
+        body = await self._get_ok(endpoint, "/metrics")
+        result = parse_engine_metrics(body.decode("utf-8", "replace"), model)
         self._store.update_metrics(endpoint.url, result.metrics, result.block_size)
 
     async def refresh_models(self, endpoint: Endpoint) -> ServedModels:
-        resp = await self._client.get(endpoint.url + "/v1/models", timeout=self._timeout)
-        resp.raise_for_status()
-        served = parse_models(resp.json())
+        served = parse_models(json.loads(await self._get_ok(endpoint, "/v1/models")))
         self._store.update_models(endpoint.url, served.bases, served.adapters, served.roots)
         return served
 
     async def find_kv_source(self, endpoint: Endpoint) -> bool:
-        resp = await self._client.get(endpoint.url + "/kv_event_sources", timeout=self._timeout)
-        if resp.status_code != 200:
+        status, body = await self._upstream.get(endpoint.url, "/kv_event_sources", self._timeout_s)
+        if status != 200:
             return False
         try:
-            source = kv_source_from(resp.json(), endpoint.url)
-        except json.JSONDecodeError:
+            source = kv_source_from(json.loads(body), endpoint.url)
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return False
         if source is None:
             return False
@@ -293,7 +307,7 @@ class ScraperPool:
                 raise
             except Exception as exc:
                 failures += 1
-                self._store.scrape_failed(url, connect_error=isinstance(exc, httpx.ConnectError))
+                self._store.scrape_failed(url, connect_error=isinstance(exc, UpstreamConnectError))
                 if failures == 1 or failures % 50 == 0:
                     log.warning("scraping %s failed (%d in a row): %r", url, failures, exc)
                 next_models = 0.0  # re-read models once it answers again

@@ -29,6 +29,10 @@ class UpstreamError(Exception):
     """The engine could not be reached, or its connection broke or timed out."""
 
 
+class UpstreamConnectError(UpstreamError):
+    """No connection could be made: the engine is not listening (or not reachable) at all."""
+
+
 class _StaleConnection(UpstreamError):
     """A kept-alive connection the engine had closed: no byte of the response came back."""
 
@@ -49,6 +53,11 @@ class Upstream(Protocol):
     async def post(
         self, base_url: str, path: str, body: bytes, headers: dict[str, str]
     ) -> UpstreamResponse: ...
+
+    async def get(self, base_url: str, path: str, timeout_s: float) -> tuple[int, bytes]:
+        """Status and whole body of a small GET (scrapes); ``UpstreamError`` on failure or
+        when it takes longer than ``timeout_s``, ``UpstreamConnectError`` if nothing listens."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -222,7 +231,7 @@ class PooledUpstream:
             async with asyncio.timeout(self._connect_timeout_s):
                 reader, writer = await asyncio.open_connection(key[0], key[1])
         except (OSError, TimeoutError) as exc:
-            raise UpstreamError(f"cannot connect to {key[0]}:{key[1]}: {exc!r}") from exc
+            raise UpstreamConnectError(f"cannot connect to {key[0]}:{key[1]}: {exc!r}") from exc
         return _Connection(reader, writer)
 
     async def post(
@@ -232,7 +241,23 @@ class PooledUpstream:
         head = [f"POST {path} HTTP/1.1\r\nhost: {key[0]}:{key[1]}\r\n"]
         head.extend(f"{name}: {value}\r\n" for name, value in headers.items())
         head.append(f"content-length: {len(body)}\r\n\r\n")
-        request = "".join(head).encode("latin-1") + body
+        return await self._send(key, "".join(head).encode("latin-1") + body)
+
+    async def get(self, base_url: str, path: str, timeout_s: float) -> tuple[int, bytes]:
+        key = self._key(base_url)
+        request = f"GET {path} HTTP/1.1\r\nhost: {key[0]}:{key[1]}\r\n\r\n".encode("latin-1")
+        try:
+            async with asyncio.timeout(timeout_s):
+                response = await self._send(key, request)
+                try:
+                    body = b"".join([chunk async for chunk in response.aiter_raw()])
+                finally:
+                    await response.aclose()  # no-op once read to the end and pooled
+        except TimeoutError as exc:
+            raise UpstreamError(f"GET {path} took longer than {timeout_s}s") from exc
+        return response.status_code, body
+
+    async def _send(self, key: tuple[str, int], request: bytes) -> UpstreamResponse:
         idle = self._idle.get(key)
         # A pooled connection may have been closed by the engine while idle; that shows as EOF
         # before any response byte, and the request is safe to send again on a fresh one.
@@ -315,6 +340,15 @@ class HttpxUpstream:
         except httpx.TransportError as exc:
             raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
         return _HttpxResponse(response)
+
+    async def get(self, base_url: str, path: str, timeout_s: float) -> tuple[int, bytes]:
+        try:
+            response = await self._client.get(base_url + path, timeout=timeout_s)
+        except httpx.ConnectError as exc:
+            raise UpstreamConnectError(f"{type(exc).__name__}: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
+        return response.status_code, response.content
 
     async def aclose(self) -> None:
         pass  # the client belongs to whoever passed it in, and they close it

@@ -143,3 +143,23 @@ def test_build_components_is_side_effect_free() -> None:
     a = build_components(RouterConfig())
     b = build_components(RouterConfig())
     assert a.metrics.registry is not b.metrics.registry
+
+
+def test_a_bug_in_the_gateway_answers_an_openai_shaped_500_and_the_router_keeps_serving() -> None:
+    h = _harness()
+    gateway = h.app.gateway
+    original = gateway._handle
+
+    async def broken(*args: Any, **kwargs: Any) -> Response:
+        raise RuntimeError("a bug")
+
+    gateway._handle = broken  # type: ignore[method-assign]
+    try:
+        resp = h.post("/v1/completions", b'{"model":"tiny","prompt":"hi"}', {})
+    finally:
+        gateway._handle = original  # type: ignore[method-assign]
+    assert resp.status_code == 500
+    assert resp.json()["error"]["type"] == "internal_server_error"
+    assert h.post("/v1/completions", b'{"model":"tiny","prompt":"hi"}', {}).status_code == 200
+    # Other methods on the proxied paths still get the framework's answer.
+    assert h.loop.run_until_complete(h.client.get("/v1/completions")).status_code == 405

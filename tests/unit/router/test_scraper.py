@@ -47,6 +47,22 @@ def test_sums_engines_and_filters_model() -> None:
     assert parse_engine_metrics(text).metrics.num_requests_running == 12.0
 
 
+def test_finds_samples_on_the_first_and_last_line_and_skips_longer_names() -> None:
+    # No trailing newline, a wanted family on line one, and names that merely start with a
+    # wanted one (a suffix, or a HELP line mentioning it) must not count.
+    text = "\n".join(
+        [
+            "vllm:num_requests_waiting 2",
+            "# HELP vllm:num_requests_running running requests",
+            "vllm:num_requests_running_total 50",
+            'vllm:num_requests_runningx{a="b"} 60',
+            "vllm:num_requests_running 3",
+        ]
+    )
+    m = parse_engine_metrics(text).metrics
+    assert (m.num_requests_waiting, m.num_requests_running) == (2.0, 3.0)
+
+
 def test_models_split_bases_and_adapters() -> None:
     served = parse_models(
         {

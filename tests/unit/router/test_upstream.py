@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from shoal.router.upstream import PooledUpstream, UpstreamError, header
+from shoal.router.upstream import PooledUpstream, UpstreamConnectError, UpstreamError, header
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -141,6 +141,50 @@ def test_connection_refused_and_truncated_response_raise_upstream_error() -> Non
             await server.wait_closed()
         with pytest.raises(UpstreamError, match="cannot connect"):
             await pool.post(f"http://127.0.0.1:{port}", "/", b"{}", {})
+        await pool.aclose()
+
+    asyncio.run(run())
+
+
+def test_get_reads_whole_body_reuses_connection_and_times_out() -> None:
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while True:
+                request = await _read_request(reader)
+                if b"GET /slow " in request:
+                    await asyncio.sleep(5)
+                body = b"vllm:num_requests_running 1.0\n" * 4000  # larger than one read
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: "
+                    + str(len(body)).encode()
+                    + b"\r\n\r\n"
+                    + body
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def run() -> None:
+        server, url = await _serve(handler)
+        port = server.sockets[0].getsockname()[1]
+        pool = PooledUpstream(connect_timeout_s=1)
+        try:
+            for _ in range(2):
+                status, body = await pool.get(url, "/metrics", timeout_s=2)
+                assert status == 200
+                assert len(body) == 4000 * len(b"vllm:num_requests_running 1.0\n")
+            assert connections == 1  # read to the end, so the connection went back to the pool
+            with pytest.raises(UpstreamError, match=r"longer than 0\.2s"):
+                await pool.get(url, "/slow", timeout_s=0.2)
+        finally:
+            server.close()
+            await server.wait_closed()
+        with pytest.raises(UpstreamConnectError):
+            await pool.get(f"http://127.0.0.1:{port}", "/metrics", timeout_s=1)
         await pool.aclose()
 
     asyncio.run(run())

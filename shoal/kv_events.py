@@ -159,6 +159,15 @@ def _as_int(value: Any, name: str) -> int:
     return value
 
 
+def _as_int_list(value: Any, name: str) -> list[int]:
+    # One C-level pass over the (long) token list in the common all-int case; the per-item
+    # check only runs to name the offending entry.
+    items = _as_list(value, name)
+    if set(map(type, items)) <= {int}:
+        return items
+    return [_as_int(t, name) for t in items]
+
+
 def _as_opt_int(value: Any, name: str) -> int | None:
     return None if value is None else _as_int(value, name)
 
@@ -225,7 +234,7 @@ def _decode_block_stored(f: Mapping[str, Any]) -> BlockStored:
             _as_hash(h, "block_hashes") for h in _as_list(f["block_hashes"], "block_hashes")
         ],
         parent_block_hash=_as_opt_hash(f.get("parent_block_hash"), "parent_block_hash"),
-        token_ids=[_as_int(t, "token_ids") for t in _as_list(f["token_ids"], "token_ids")],
+        token_ids=_as_int_list(f["token_ids"], "token_ids"),
         block_size=_as_int(f["block_size"], "block_size"),
         lora_id=_as_opt_int(f.get("lora_id"), "lora_id"),
         lora_name=_as_opt_str(f.get("lora_name"), "lora_name"),

@@ -33,11 +33,26 @@ class RouterUnderTest:
 
     impl: str  # "shoal", "sglang" or "vllm"
     policy: str
+    # Extra Shoal router settings (config keys), e.g. (("scrape_interval_ms", "1000"),).
+    options: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> RouterUnderTest:
+        """``impl:policy`` or, for Shoal, ``shoal:policy?key=value&key=value``."""
+        head, _, query = spec.partition("?")
+        impl, _, policy = head.partition(":")
+        options = tuple(
+            (k, v) for k, _, v in (item.partition("=") for item in query.split("&") if item)
+        )
+        if options and impl != "shoal":
+            raise ValueError(f"{spec!r}: options apply to Shoal only")
+        return cls(impl, policy, options)
 
     @property
     def label(self) -> str:
         name = {"shoal": "Shoal", "sglang": "sglang-router", "vllm": "vllm-router"}[self.impl]
-        return f"{name} {self.policy}"
+        extra = "".join(f" ({k} {v})" for k, v in self.options)
+        return f"{name} {self.policy}{extra}"
 
 
 def peer_installed(impl: str) -> bool:
@@ -99,8 +114,9 @@ def router_process(
             ],
             "strategy": rut.policy,
             "log_level": "WARNING",
+            **{k: yaml.safe_load(v) for k, v in rut.options},
         }
-        cfg_path = log_dir / f"router-shoal-{rut.policy}-{port}.yaml"
+        cfg_path = log_dir / f"router-shoal-{rut.policy}-{port}.yaml"  # port: unique per router
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         argv = [
             *router_command(),

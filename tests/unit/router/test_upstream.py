@@ -27,26 +27,38 @@ async def _serve(handler: Handler) -> tuple[asyncio.Server, str]:
     return server, f"http://127.0.0.1:{port}"
 
 
-def test_content_length_and_keep_alive_reuse() -> None:
-    connections = 0
+class _KeepAliveServer:
+    """Answers every request on a connection with ``respond(request)``; counts connections."""
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
+    def __init__(self, respond: Callable[[bytes], Awaitable[bytes]]) -> None:
+        self._respond = respond
+        self.connections = 0
+
+    async def handler(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             while True:
-                request = await _read_request(reader)
-                body = b'{"echo":' + str(len(request)).encode() + b"}"
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                    b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-                )
+                writer.write(await self._respond(await _read_request(reader)))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
+
+def _ok(body: bytes, content_type: bytes = b"application/json") -> bytes:
+    return (
+        b"HTTP/1.1 200 OK\r\ncontent-type: " + content_type + b"\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+
+
+def test_content_length_and_keep_alive_reuse() -> None:
+    async def echo_length(request: bytes) -> bytes:
+        return _ok(b'{"echo":' + str(len(request)).encode() + b"}")
+
+    engine = _KeepAliveServer(echo_length)
+
     async def run() -> None:
-        server, url = await _serve(handler)
+        server, url = await _serve(engine.handler)
         pool = PooledUpstream()
         try:
             for _ in range(3):
@@ -57,7 +69,7 @@ def test_content_length_and_keep_alive_reuse() -> None:
                 assert header(resp, b"content-type") == b"application/json"
                 body = b"".join([c async for c in resp.aiter_raw()])
                 assert body.startswith(b'{"echo":')
-            assert connections == 1  # one connection, reused
+            assert engine.connections == 1  # one connection, reused
         finally:
             await pool.aclose()
             server.close()
@@ -147,37 +159,25 @@ def test_connection_refused_and_truncated_response_raise_upstream_error() -> Non
 
 
 def test_get_reads_whole_body_reuses_connection_and_times_out() -> None:
-    connections = 0
+    exposition = b"vllm:num_requests_running 1.0\n" * 4000  # larger than one read
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        try:
-            while True:
-                request = await _read_request(reader)
-                if b"GET /slow " in request:
-                    await asyncio.sleep(5)
-                body = b"vllm:num_requests_running 1.0\n" * 4000  # larger than one read
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\ncontent-length: "
-                    + str(len(body)).encode()
-                    + b"\r\n\r\n"
-                    + body
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
+    async def metrics(request: bytes) -> bytes:
+        if b"GET /slow " in request:
+            await asyncio.sleep(5)
+        return _ok(exposition, b"text/plain")
+
+    engine = _KeepAliveServer(metrics)
 
     async def run() -> None:
-        server, url = await _serve(handler)
+        server, url = await _serve(engine.handler)
         port = server.sockets[0].getsockname()[1]
         pool = PooledUpstream(connect_timeout_s=1)
         try:
             for _ in range(2):
                 status, body = await pool.get(url, "/metrics", timeout_s=2)
                 assert status == 200
-                assert len(body) == 4000 * len(b"vllm:num_requests_running 1.0\n")
-            assert connections == 1  # read to the end, so the connection went back to the pool
+                assert body == exposition
+            assert engine.connections == 1  # read to the end: back to the pool
             with pytest.raises(UpstreamError, match=r"longer than 0\.2s"):
                 await pool.get(url, "/slow", timeout_s=0.2)
         finally:

@@ -519,61 +519,92 @@ class Gateway:
                 raw = await self._read_body(request)
             except ClientDisconnect:
                 return Response(status_code=499)
-            parsed = parse_body(raw, kind, self._tokenizer_for)
-            strategy = request.headers.get(STRATEGY_HEADER) or None
-            if strategy is not None:
-                try:
-                    check_strategy(strategy)
-                except ValueError as exc:
-                    raise _bad(str(exc), STRATEGY_HEADER) from None
-            resolved = self.store.resolve_model(parsed.model)
-            if resolved is None:
-                resolved = await self._resolve_declared(parsed.model)
-            base, lora = resolved
-            session = request.headers.get(SESSION_HEADER) or parsed.user
-            expected = (
-                parsed.max_tokens
-                if parsed.max_tokens is not None
-                else self.config.expected_output_tokens
-            )
-            size = self.store.block_size_for(base)
-            ids = parsed.prompt_token_ids[: MAX_ROUTING_BLOCKS * size]
-            rreq = RoutingRequest(
-                model=parsed.model,
-                base_model=base,
-                lora=lora,
-                prompt_token_ids=parsed.prompt_token_ids,
-                block_hashes=block_hashes(ids, size, lora),
-                expected_output_tokens=expected,
-                session_id=session[:MAX_SESSION_ID] if session else None,
-                tenant=identity.tenant,
-                priority=identity.priority,
-                stream=parsed.stream,
-                strategy=strategy,
-            )
-            try:
-                ticket = await self.admission.admit(
-                    base, identity.tenant, identity.priority, parsed.prompt_tokens, expected
-                )
-            except Rejected as exc:
-                self.metrics.rejections.labels(base, exc.reason).inc()
-                self.metrics.count_request(base, "", "429")
-                raise ApiError(
-                    429,
-                    f"model {base!r} is at capacity ({exc.reason.replace('_', ' ')}); retry later",
-                    "rate_limit_error",
-                    code=exc.reason,
-                    retry_after_s=exc.retry_after_s,
-                ) from None
-            self.metrics.queue_wait.labels(base).observe(ticket.queued_s)
-            try:
-                return await self._dispatch(
-                    request, raw, path, rreq, parsed, identity, started, ticket.dispatched
-                )
-            finally:
-                ticket.dispatched()  # no-op when _dispatch already handed off
         except ApiError as err:
             return err.response()
+        this = asyncio.current_task()
+        watch = DisconnectWatch(request.receive)
+        watch.guard(this)
+        response: Response | None = None
+        try:
+            response = await self._route(request, raw, kind, path, identity, started, watch)
+        except ApiError as err:
+            response = err.response()
+        except asyncio.CancelledError:
+            if not watch.cancelled_request or this is None:
+                raise  # the server is shutting down, not the client leaving
+            this.uncancel()  # ours: the client left before the engine answered
+            self.metrics.count_request(watch.model, watch.endpoint, "499")
+            response = Response(status_code=499)
+        finally:
+            if not isinstance(response, PassthroughResponse):
+                await watch.close()  # a passthrough response closes it after its last byte
+        return response
+
+    async def _route(
+        self,
+        request: Request,
+        raw: bytes,
+        kind: str,
+        path: str,
+        identity: Identity,
+        started: float,
+        watch: DisconnectWatch,
+    ) -> Response:
+        """Parse, admit and dispatch one request whose body has been read."""
+        parsed = parse_body(raw, kind, self._tokenizer_for)
+        strategy = request.headers.get(STRATEGY_HEADER) or None
+        if strategy is not None:
+            try:
+                check_strategy(strategy)
+            except ValueError as exc:
+                raise _bad(str(exc), STRATEGY_HEADER) from None
+        resolved = self.store.resolve_model(parsed.model)
+        if resolved is None:
+            resolved = await self._resolve_declared(parsed.model)
+        base, lora = resolved
+        watch.model = base
+        session = request.headers.get(SESSION_HEADER) or parsed.user
+        expected = (
+            parsed.max_tokens
+            if parsed.max_tokens is not None
+            else self.config.expected_output_tokens
+        )
+        size = self.store.block_size_for(base)
+        ids = parsed.prompt_token_ids[: MAX_ROUTING_BLOCKS * size]
+        rreq = RoutingRequest(
+            model=parsed.model,
+            base_model=base,
+            lora=lora,
+            prompt_token_ids=parsed.prompt_token_ids,
+            block_hashes=block_hashes(ids, size, lora),
+            expected_output_tokens=expected,
+            session_id=session[:MAX_SESSION_ID] if session else None,
+            tenant=identity.tenant,
+            priority=identity.priority,
+            stream=parsed.stream,
+            strategy=strategy,
+        )
+        try:
+            ticket = await self.admission.admit(
+                base, identity.tenant, identity.priority, parsed.prompt_tokens, expected
+            )
+        except Rejected as exc:
+            self.metrics.rejections.labels(base, exc.reason).inc()
+            self.metrics.count_request(base, "", "429")
+            raise ApiError(
+                429,
+                f"model {base!r} is at capacity ({exc.reason.replace('_', ' ')}); retry later",
+                "rate_limit_error",
+                code=exc.reason,
+                retry_after_s=exc.retry_after_s,
+            ) from None
+        self.metrics.queue_wait.labels(base).observe(ticket.queued_s)
+        try:
+            return await self._dispatch(
+                request, raw, path, rreq, parsed, identity, started, ticket.dispatched, watch
+            )
+        finally:
+            ticket.dispatched()  # no-op when _dispatch already handed off
 
     async def _dispatch(
         self,
@@ -585,6 +616,7 @@ class Gateway:
         identity: Identity,
         started: float,
         on_in_flight: Callable[[], None],
+        watch: DisconnectWatch,
     ) -> Response:
         base = rreq.base_model
         pipeline = self.pipelines.for_model(base, rreq.strategy)
@@ -607,6 +639,7 @@ class Gateway:
             if self.shared is not None:
                 self.shared.record(rreq.block_hashes, url)
             self.store.begin(url, cost)
+            watch.endpoint = url
             # The request now counts in the endpoint's in-flight load, which is what admission's
             # capacity check reads: let the next waiter go. Waiting for the engine's response
             # headers instead would drain the queue one whole (non-streamed) response at a time.
@@ -631,6 +664,7 @@ class Gateway:
             return PassthroughResponse(
                 upstream,
                 url,
+                watch,
                 on_done=self._finisher(rreq, parsed, identity, url, cost, started),
             )
         if last_failure is not None:
@@ -693,6 +727,44 @@ class Gateway:
 # --------------------------------------------------------------------------- the passthrough
 
 
+class DisconnectWatch:
+    """Cancels the request's task when the client disconnects, from the moment its body is read
+    until the response's last byte: a non-streamed request spends its whole generation waiting
+    for the engine's response headers, and a client that leaves then must abort it too.
+
+    One ``receive()`` loop serves the request's whole life (the body reader owns ``receive``
+    before it). Servers also report a disconnect after a complete response, so the task is
+    cancelled only while it is guarded.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self._guarded: asyncio.Task[Any] | None = None
+        self.cancelled_request = False  # True once the client left mid-request
+        # Where the request had got to, for counting a disconnect before the engine answered.
+        self.model = ""
+        self.endpoint = ""
+        self._task = asyncio.get_running_loop().create_task(self._watch(receive))
+
+    def guard(self, task: asyncio.Task[Any] | None) -> None:
+        """Cancel ``task`` on disconnect (None: the response is complete, cancel nothing)."""
+        self._guarded = task
+
+    async def _watch(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if self._guarded is not None:
+                    self.cancelled_request = True
+                    self._guarded.cancel()
+                return
+
+    async def close(self) -> None:
+        self._guarded = None
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+
+
 @dataclass(slots=True)
 class StreamOutcome:
     status: int
@@ -706,22 +778,24 @@ class StreamOutcome:
 class PassthroughResponse(Response):
     """Sends the engine's response to the client chunk by chunk as it arrives.
 
-    Watches the client connection while streaming: on disconnect the send loop is cancelled
-    and the upstream response closed, which closes its connection, and the engine aborts the
-    request (vLLM and ``shoal sim`` abort on disconnect). Waiting for the next ``send`` to fail
-    would leave a stalled generation running until it produced another token.
+    The request's :class:`DisconnectWatch` keeps guarding while it streams: on disconnect the
+    send loop is cancelled and the upstream response closed, which closes its connection, and the
+    engine aborts the request (vLLM and ``shoal sim`` abort on disconnect). Waiting for the next
+    ``send`` to fail would leave a stalled generation running until it produced another token.
     """
 
     def __init__(
         self,
         upstream: UpstreamResponse,
         endpoint_url: str,
+        watch: DisconnectWatch,
         on_done: Callable[[StreamOutcome], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.upstream = upstream
         self.status_code = upstream.status_code
         self.endpoint_url = endpoint_url
+        self._watch = watch
         self._on_done = on_done
         self._clock = clock
         self.background = None
@@ -731,37 +805,25 @@ class PassthroughResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         outcome = StreamOutcome(status=self.status_code)
-        loop = asyncio.get_running_loop()
-        pump = loop.create_task(self._pump(send, outcome))
-        watcher = loop.create_task(self._watch_disconnect(receive, pump, outcome))
+        # The body is pumped in this task (no task of its own: two fewer event-loop hops per
+        # request), which the watch cancels if the client leaves mid-response.
+        this = asyncio.current_task()
+        self._watch.guard(this)
         try:
-            await pump
+            await self._pump(send, outcome)
         except asyncio.CancelledError:
-            if not outcome.client_disconnected:
+            if not self._watch.cancelled_request or this is None:
                 raise  # the server is shutting down, not the client leaving
+            this.uncancel()  # ours: go on to clean up
+            outcome.client_disconnected = True
         finally:
-            watcher.cancel()
-            pump.cancel()
-            with contextlib.suppress(BaseException):
-                await watcher
+            await self._watch.close()
             with contextlib.suppress(BaseException):
                 await self.upstream.aclose()
             try:
                 self._on_done(outcome)
             except Exception:
                 log.exception("request accounting failed")
-
-    async def _watch_disconnect(
-        self, receive: Receive, pump: asyncio.Task[None], outcome: StreamOutcome
-    ) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                if outcome.finished:
-                    return  # servers report a disconnect after a complete response too
-                outcome.client_disconnected = True
-                pump.cancel()
-                return
 
     async def _pump(self, send: Send, outcome: StreamOutcome) -> None:
         await send(
@@ -793,4 +855,5 @@ class PassthroughResponse(Response):
         elif self._streaming and events:
             outcome.output_tokens = max(0, events - 1)  # minus the closing [DONE]
         outcome.finished = True
+        self._watch.guard(None)  # complete: a disconnect from here on is the normal end
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import openai
 import pytest
@@ -121,3 +124,55 @@ def test_metrics_count_requests(router: Router) -> None:
     assert sample_value(text, "shoal_router_e2e_latency_seconds_count", {"model": "tiny"})
     assert "shoal_router_decisions_total" in text
     assert sample_value(text, "shoal_router_endpoint_stale", {}) == 0.0
+
+
+def _engine_busy(sim: Sim) -> int:
+    stats = httpx.get(sim.url + "/admin/state", timeout=5).json()["engine"]
+    return int(stats["num_running"] + stats["num_waiting"])
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_through_the_router_aborts_the_engine_request(
+    spawn: object, stream: bool
+) -> None:
+    sim = spawn.sim()  # type: ignore[attr-defined]
+    router = spawn.router([sim.url])  # type: ignore[attr-defined]
+    sim.faults(slowdown=100.0)  # a generation that would run for minutes
+    body = {"model": "tiny", "prompt": "a b c", "max_tokens": 1500, "min_tokens": 1500,
+            "ignore_eos": True, "stream": stream}  # fmt: skip
+    with httpx.Client(base_url=router.url, timeout=httpx.Timeout(30, read=1.0)) as client:
+        if stream:
+            with client.stream("POST", "/v1/completions", json=body) as resp:
+                assert resp.status_code == 200
+                next(resp.iter_bytes())
+                assert _engine_busy(sim) == 1
+        else:
+            # Non-streamed: nothing comes back until the end, so the router is still waiting
+            # for the engine's response headers when the client gives up.
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(client.post, "/v1/completions", json=body)
+                busy_deadline = time.monotonic() + 5
+                while not _engine_busy(sim) and time.monotonic() < busy_deadline:
+                    time.sleep(0.02)
+                assert _engine_busy(sim) == 1
+                with pytest.raises(httpx.ReadTimeout):
+                    pending.result()
+    # The client is gone: the router closes its upstream connection and the engine aborts.
+    deadline = time.monotonic() + 5
+    while _engine_busy(sim) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _engine_busy(sim) == 0
+    # The router counted it as a client disconnect and keeps serving.
+    text = router.metrics()
+    assert (
+        sample_value(
+            text,
+            "shoal_router_requests_total",
+            {"model": "tiny", "endpoint": sim.url, "status": "499"},
+        )
+        == 1
+    )
+    sim.faults(slowdown=1.0)
+    ok = httpx.post(router.url + "/v1/completions", json={"model": "tiny", "prompt": "hi",
+                    "max_tokens": 2}, timeout=30)  # fmt: skip
+    assert ok.status_code == 200

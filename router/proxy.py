@@ -772,7 +772,6 @@ class StreamOutcome:
     output_tokens: int | None = None
     client_disconnected: bool = False
     upstream_error: bool = False
-    finished: bool = False  # the last byte was handed to the server
 
 
 class PassthroughResponse(Response):
@@ -854,6 +853,5 @@ class PassthroughResponse(Response):
             outcome.output_tokens = int(usage[-1])
         elif self._streaming and events:
             outcome.output_tokens = max(0, events - 1)  # minus the closing [DONE]
-        outcome.finished = True
         self._watch.guard(None)  # complete: a disconnect from here on is the normal end
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -31,7 +31,7 @@ from shoal.router.kv_subscriber import KvEventSubscriber
 from shoal.router.metrics import RouterMetrics
 from shoal.router.pipeline import FallbackRecorder
 from shoal.router.prefix_index import ApproxPrefixIndex
-from shoal.router.proxy import Gateway, TokenizerProvider
+from shoal.router.proxy import PROXY_KINDS, Gateway, TokenizerProvider
 from shoal.router.scorers import SessionTable
 from shoal.router.scraper import ScraperPool
 from shoal.router.shared_state import SharedState
@@ -310,8 +310,8 @@ def create_router_app(
     app = RouterApp(
         g,
         routes=[
-            Route("/v1/chat/completions", g.chat_completions, methods=["POST"]),
-            Route("/v1/completions", g.completions, methods=["POST"]),
+            # Kept for the framework's 405 on other methods; POSTs never reach them.
+            *(Route(path, g.proxy_route, methods=["POST"]) for path in PROXY_KINDS),
             Route("/v1/models", g.models, methods=["GET"]),
             Route("/health", g.health, methods=["GET"]),
             Route("/metrics", g.metrics_endpoint, methods=["GET"]),

@@ -71,7 +71,7 @@ _DROP_RESPONSE_HEADERS = frozenset(
 
 
 # Inference paths the gateway proxies, and the request kind each body is parsed as.
-_PROXY_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+PROXY_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
 
 class ApiError(Exception):
@@ -335,11 +335,10 @@ class Gateway:
                 )
         return JSONResponse({"object": "list", "data": data})
 
-    async def chat_completions(self, request: Request) -> Response:
-        return await self._handle(request, "chat", "/v1/chat/completions")
-
-    async def completions(self, request: Request) -> Response:
-        return await self._handle(request, "completion", "/v1/completions")
+    async def proxy_route(self, request: Request) -> Response:
+        """The inference routes as framework endpoints (``serve`` normally answers first)."""
+        path = request.url.path
+        return await self._handle(request, PROXY_KINDS[path], path)
 
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Answer a proxied request as a plain ASGI call; False if ``scope`` is not one.
@@ -349,7 +348,7 @@ class Gateway:
         those layers add here is kept: an unexpected exception is logged and answered with
         an OpenAI-shaped 500 when no byte of the response went out yet.
         """
-        kind = _PROXY_KINDS.get(scope["path"]) if scope["method"] == "POST" else None
+        kind = PROXY_KINDS.get(scope["path"]) if scope["method"] == "POST" else None
         if kind is None:
             return False
         started = False

@@ -119,7 +119,7 @@ def main() -> int:
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    configs = [RouterUnderTest(*c.split(":", 1)) for c in args.configs.split(",")]
+    configs = [RouterUnderTest.parse(c) for c in args.configs.split(",")]
     errors = ensure_peers([c.impl for c in configs])
     log_dir = Path(tempfile.mkdtemp(prefix="shoal-bench-quality-"))
     scale = args.time_scale

@@ -338,15 +338,17 @@ def render(
     )
     lines += [
         "",
-        "Where the real side's extra latency comes from: two wall-clock costs, each shrunk by the "
-        "time scale. (1) Engine steps end late: the driver sleeps until a step's modelled end and "
-        "the event loop wakes it a little after that (and serves the streams first), so steps "
-        "run a few percent long (the drift row; TPOT and e2e are about that much higher). "
-        "(2) A first token crosses client, router and engine over HTTP (with tokenization): a "
-        "few wall milliseconds, i.e. time scale × that in simulated time, which weighs most on "
-        "the short TTFT p50. In a 20 s trial (`--duration-s 20 --repeats 1 --no-write`) time "
-        "scale 0.5 gave TTFT p50/p90/p99 +24.7/+7.6/+9.6% with drift +6.5%, time scale 0.25 "
-        "+5.5/+3.6/+4.8% (router) and +3.3/+2.6/+1.1% with `--route client` (no router hop); "
+        "Where the real side's extra latency comes from: a first token crosses client, router "
+        "and engine over HTTP (with tokenization): a few wall milliseconds, i.e. time scale × "
+        "that in simulated time, which weighs most on the short TTFT p50. Engine steps no longer "
+        "add to it: the driver starts each step where the previous one ended on the modelled "
+        "clock (as vLLM's engine core, in its own process, keeps stepping while the API server "
+        "is busy), so the event loop waking a little late or serving streams first does not push "
+        "later steps back; hence TPOT and e2e match and the drift row is about zero. Before that "
+        "change (2026-11-24) steps ran +2.8% long and TPOT and e2e were 2-4% high. In a 20 s "
+        "trial (`--duration-s 20 --repeats 1 --no-write`, before that change) time scale 0.5 gave "
+        "TTFT p50/p90/p99 +24.7/+7.6/+9.6%, time scale 0.25 +5.5/+3.6/+4.8% (router) and "
+        "+3.3/+2.6/+1.1% with `--route client` (no router hop); "
         "so on a 2-core machine run at 0.25 or slower.",
     ]
     return "\n".join(lines), ok

@@ -8,6 +8,14 @@ slow client (or a busy event loop) gets fewer, larger chunks instead of an ever-
 The simulated clock is ``start + wall elapsed × time_scale``. When the process cannot keep up (the
 step's Python work plus serving the streams takes longer than the modelled step), steps end late;
 ``drift`` records by how much, which the real-time benchmark reports.
+
+vLLM (V1) runs its engine core in a process of its own, beside the API server. When the API
+server's event loop is blocked for a moment (rendering ``/metrics``, a slow client), outputs reach
+clients late, but the GPU's next step starts on time. This driver keeps that timeline: each step
+starts where the previous one ended on the modelled clock, not when this loop got round to it, so
+a short stall delays delivery without pushing back every later step. Up to ``CATCH_UP_LIMIT_S``
+behind the wall clock: beyond that the process itself cannot keep up, and the timeline restarts
+from now (the lost time shows in ``drift``).
 """
 
 from __future__ import annotations
@@ -30,6 +38,11 @@ from shoal.sim.types import (
 )
 
 log = logging.getLogger(__name__)
+
+# How far (wall seconds) a step may start in the past to catch up after the event loop was blocked.
+# Big enough for a /metrics render or a garbage collection (a few ms), small enough that an
+# overloaded process shows up as drift rather than as a backlog of steps replayed at once.
+CATCH_UP_LIMIT_S = 0.05
 
 
 def _merge(into: RequestOutput, new: RequestOutput) -> None:
@@ -214,34 +227,50 @@ class AsyncEngine:
 
     # ---- the loop ---------------------------------------------------------------------------
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         core = self.core
         drift = self.drift
+        clock = time.monotonic
+        # Wall time at which the previous step ended on the modelled timeline; None when idle.
+        previous_end: float | None = None
+        # Wall time the previous step's outputs were handed out (drift is measured from there).
+        previous_delivery = 0.0
         while True:
             if self._stall_s > 0:
                 stall, self._stall_s = self._stall_s, 0.0
                 log.warning("engine stalled for %.2fs by the admin API", stall)
                 await asyncio.sleep(stall)
+                previous_end = None  # a stalled GPU loses the time: no catching up
             if not core.has_unfinished():
                 self._wake.clear()
                 await self._wake.wait()
+                previous_end = None
                 continue
             if self._power_cap_w is not None:
                 self._apply_gpu_limits()
-            start = loop.time()
+            start = clock()
+            # Busy since the previous delivery when steps follow each other, else since now.
+            busy_since = previous_delivery if previous_end is not None else start
+            if previous_end is not None and start - previous_end <= CATCH_UP_LIMIT_S:
+                start = previous_end  # the engine core kept stepping while this loop was busy
             try:
-                result = core.step(self.now())
+                result = core.step(self._sim0 + (start - self._wall0) * self.time_scale)
             except Exception:  # never let one bad step kill the server
                 log.exception("engine step failed; aborting all requests")
                 for rid in list(self._streams):
                     core.abort_request(rid)
+                previous_end = None
                 continue
             target = start + result.duration / self.time_scale
-            delay = target - loop.time()
+            previous_end = target
+            delay = target - clock()
             # Always yield once so streams are served even when steps are very short.
             await asyncio.sleep(delay if delay > 0 else 0)
+            delivered = clock()
             if result.duration > 0:
-                actual = loop.time() - start
+                # Wall time since the previous delivery (or since work arrived): summed over a
+                # busy stretch it is the wall time the stretch took, so drift is how far the
+                # modelled timeline fell behind the wall clock, whatever caught up in between.
+                actual = delivered - busy_since
                 modelled = result.duration / self.time_scale
                 drift.steps += 1
                 drift.modelled_s += modelled
@@ -250,6 +279,7 @@ class AsyncEngine:
                 if late > 0.001:
                     drift.late_steps += 1
                 drift.max_late_s = max(drift.max_late_s, late)
+            previous_delivery = delivered
             streams = self._streams
             for out in result.outputs:
                 stream = streams.get(out.request_id)

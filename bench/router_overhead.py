@@ -116,7 +116,7 @@ def main() -> int:
     ap.add_argument("--p99-bound-ms", type=float, default=100.0)
     ap.add_argument(
         "--routers",
-        default="shoal:round-robin,shoal:round-robin?scrape_interval_ms=1000,"
+        default="shoal:round-robin,shoal:round-robin?scrape_interval_max_ms=200,"
         "sglang:round_robin,vllm:round_robin",
         help="impl:policy, comma-separated; Shoal takes config keys: shoal:policy?key=value",
     )
@@ -221,10 +221,14 @@ def render(
         "own differences, to show the noise. Every router uses its "
         "round-robin policy so that the proxy path is compared. Only the router under test runs "
         "during its measurement (started before it, stopped after it), so its background work is "
-        "charged to it alone: Shoal scrapes every engine's `/metrics` (every 200 ms by default), and "
-        "rendering that ~50 kB exposition blocks a simulated engine's event loop for about 3.5 ms "
-        "(prometheus_client, as in vLLM's API server); the peers' round-robin polls nothing. The "
-        "row with `scrape_interval_ms 1000` shows that trade-off. The client, the engines and the "
+        "charged to it alone: Shoal scrapes every engine's `/metrics`, and rendering that ~50 kB "
+        "exposition blocks a simulated engine's API-server loop for about 5 ms (prometheus_client, "
+        "as in vLLM's API server); the peers' round-robin polls nothing. By default Shoal scrapes "
+        "every 200 ms while an engine's metrics say something its own accounting does not, and "
+        "backs off to 800 ms while the engine is calm (router/scrape_cadence.py); on this "
+        "benchmark's engines (no queue, load all the router's own) it backs off. The row with "
+        "`scrape_interval_max_ms 200` scrapes every 200 ms throughout, to show what the cadence "
+        "saves. The client, the engines and the "
         "router share this machine's cores: the numbers include CPU contention, and the 'max rate' "
         "is the machine's limit for engines + router + client together, not the router's alone.",
         "",

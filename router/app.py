@@ -21,6 +21,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from shoal.router.admission import AdmissionController
+from shoal.router.api_keys import ApiKeyTable
 from shoal.router.catalog import DeclaredCatalog, KubernetesCatalogSource
 from shoal.router.config import RouterConfig
 from shoal.router.discovery import Discovery, KubernetesDiscovery, StaticDiscovery
@@ -28,11 +29,12 @@ from shoal.router.engine_state import EngineStateStore, SaturationPolicy
 from shoal.router.holding import HoldQueue
 from shoal.router.kv_index import KvEventIndex
 from shoal.router.kv_subscriber import KvEventSubscriber
-from shoal.router.metrics import RouterMetrics
+from shoal.router.metrics import EndpointView, RouterMetrics
 from shoal.router.pipeline import FallbackRecorder
 from shoal.router.prefix_index import ApproxPrefixIndex
 from shoal.router.proxy import PROXY_KINDS, Gateway, TokenizerProvider
 from shoal.router.scorers import SessionTable
+from shoal.router.scrape_cadence import ScrapeCadence
 from shoal.router.scraper import ScraperPool
 from shoal.router.shared_state import SharedState
 from shoal.router.strategies import ModelRouting, PipelineSet
@@ -87,7 +89,8 @@ def build_components(
     http_client: httpx.AsyncClient | None = None,
 ) -> RouterComponents:
     store = EngineStateStore(
-        stale_after_s=config.stale_after_s,
+        scrape_interval_s=config.scrape_interval_s,
+        stale_after_intervals=config.stale_after_intervals,
         eject_after_failures=config.eject_after_failures,
         eject_seconds=config.eject_seconds,
         default_block_size=config.default_block_size,
@@ -111,7 +114,7 @@ def build_components(
     saturation = SaturationPolicy(
         sat.max_waiting, sat.max_kv_cache_usage, sat.max_in_flight_per_endpoint
     )
-    weights = {k.tenant: k.weight for k in config.api_keys.values()}
+    api_keys = ApiKeyTable(config.api_keys, config.api_keys_file)
 
     def has_capacity(model: str) -> bool:
         return saturation.has_capacity(store.candidates_for(model), store.now())
@@ -123,7 +126,7 @@ def build_components(
             name: m.queue_size for name, m in config.models.items() if m.queue_size is not None
         },
         timeout_s=config.queue_timeouts.for_priority,
-        tenant_weight=lambda tenant: weights.get(tenant, 1.0),
+        tenant_weight=api_keys.tenant_weight,
         max_tenants=config.max_tenants,
     )
     metrics = RouterMetrics()
@@ -149,7 +152,7 @@ def build_components(
     scrapers = ScraperPool(
         upstream,
         store,
-        interval_s=config.scrape_interval_s,
+        cadence=ScrapeCadence(config.scrape_interval_s, config.scrape_interval_max_s),
         models_refresh_s=config.models_refresh_s,
         discover_kv_sources=subscriber is not None,
         on_kv_source=subscriber.add if subscriber is not None else None,
@@ -191,15 +194,20 @@ def build_components(
         shared=shared,
         catalog=catalog,
         holds=holds,
+        api_keys=api_keys,
     )
     metrics.watch_state(
         admission.depths,
         lambda: {
-            s.url: (s.stale, store.is_ejected(s.url), s.in_flight_requests) for s in store.states()
+            s.url: EndpointView(
+                s.stale, store.is_ejected(s.url), s.in_flight_requests, store.scrape_interval(s.url)
+            )
+            for s in store.states()
         },
         lambda: dict(fallbacks.counts),
         lambda: None if shared is None else (1.0 if shared.up else 0.0),
         holds.depths,
+        lambda: None if api_keys.open else (len(api_keys), api_keys.reload_errors),
     )
     return RouterComponents(
         config=config,
@@ -287,6 +295,10 @@ def create_router_app(
         ]
         if components.catalog_source is not None:
             tasks.append(loop.create_task(components.catalog_source.run(), name="catalog"))
+        keys = g.api_keys
+        if keys.file is not None:
+            reload_s = components.config.api_keys_reload_s
+            tasks.append(loop.create_task(keys.watch(reload_s), name="api-keys"))
         if components.shared is not None:
             await components.shared.start()
         try:

@@ -48,7 +48,15 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--config", default=None, metavar="FILE", help="router config YAML")
     parser.add_argument("--redis-url", default=None, help="share state across router replicas")
-    parser.add_argument("--scrape-interval-ms", type=int, default=None, help="default 200")
+    parser.add_argument(
+        "--scrape-interval-ms", type=int, default=None, help="fastest /metrics interval (200)"
+    )
+    parser.add_argument(
+        "--scrape-interval-max-ms",
+        type=int,
+        default=None,
+        help="slowest /metrics interval, while an engine is calm (default 4x the fastest)",
+    )
     parser.add_argument("--max-body-bytes", type=int, default=None, help="default 8 MiB")
     parser.add_argument("--queue-size", type=int, default=None, help="per-model queue bound")
     # --log-level may already exist on the parent parser (`shoal --log-level`).
@@ -65,6 +73,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         "strategy": args.strategy,
         "redis_url": args.redis_url,
         "scrape_interval_ms": args.scrape_interval_ms,
+        "scrape_interval_max_ms": args.scrape_interval_max_ms,
         "max_body_bytes": args.max_body_bytes,
         "queue_size": args.queue_size,
         "log_level": getattr(args, "log_level", None),
@@ -93,10 +102,14 @@ def run_router(args: argparse.Namespace) -> int:
 
     from shoal.router.app import create_router_app
 
-    app = create_router_app(config)
+    try:
+        app = create_router_app(config)
+    except ConfigError as exc:  # an unreadable or invalid API keys file
+        log.error("%s", exc)
+        return 2
     if not config.endpoints and config.kubernetes is None:
         log.warning("no engine endpoints configured: every request will get 503")
-    if not config.api_keys:
+    if not config.api_keys and config.api_keys_file is None:
         log.info("no API keys configured: the router is open to every caller")
     log.info(
         "shoal router on http://%s:%d (strategy %s)", config.host, config.port, config.strategy

@@ -4,10 +4,10 @@ Every field has a working default, so ``shoal router --endpoints URL`` needs not
 file (``--config``) holds the same fields plus what flags cannot express well: per-model routing,
 API keys, per-priority queue timeouts. Flags given on the command line override the file.
 
-API keys: when ``api_keys`` is empty the router is *open*: every request is accepted and belongs
-to the tenant named by the ``x-shoal-tenant`` header, else ``default``. With keys configured,
-requests must carry ``Authorization: Bearer <key>`` (401 otherwise) and the key decides the tenant
-and its default priority.
+API keys: when ``api_keys`` is empty and no ``api_keys_file`` is set, the router is *open*: every
+request is accepted and belongs to the tenant named by the ``x-shoal-tenant`` header, else
+``default``. With keys configured, requests must carry ``Authorization: Bearer <key>`` (401
+otherwise) and the key decides the tenant and its default priority (router/api_keys.py).
 
 Validation happens here, at start-up (unknown fields, strategies, scorers, negative limits), so a
 bad config fails the process with a message instead of failing requests later.
@@ -155,7 +155,12 @@ class RouterConfig(_Strict):
     max_sessions: int = Field(default=100_000, ge=1)
 
     # Engine state.
+    # An engine is scraped every scrape_interval_ms while its metrics tell the router something
+    # its own accounting does not (a queue, KV usage moving, load from elsewhere); while they do
+    # not, the interval doubles up to scrape_interval_max_ms (default 4x; equal: no adaptation).
+    # See router/scrape_cadence.py.
     scrape_interval_ms: int = Field(default=200, ge=10)
+    scrape_interval_max_ms: int | None = Field(default=None, ge=10)
     stale_after_intervals: int = Field(default=5, ge=1)
     models_refresh_s: float = Field(default=5.0, gt=0)
 
@@ -165,6 +170,9 @@ class RouterConfig(_Strict):
     queue_timeouts: QueueTimeoutsConfig = Field(default_factory=QueueTimeoutsConfig)
     saturation: SaturationConfig = Field(default_factory=SaturationConfig)
     api_keys: dict[str, ApiKeyConfig] = Field(default_factory=dict)
+    # Keys from a file (a mounted Secret), re-read when it changes: router/api_keys.py.
+    api_keys_file: str | None = None
+    api_keys_reload_s: float = Field(default=10.0, gt=0)
     max_tenants: int = Field(default=10_000, ge=1)
     expected_output_tokens: int = Field(default=128, ge=1)  # when a request sets no max_tokens
     hold: HoldConfig = Field(default_factory=HoldConfig)
@@ -190,6 +198,15 @@ class RouterConfig(_Strict):
         merged_weights(self.strategy, self.weights)
         if self.endpoints and self.kubernetes is not None:
             raise ValueError("give either static endpoints or kubernetes discovery, not both")
+        if (
+            self.scrape_interval_max_ms is not None
+            and self.scrape_interval_max_ms < self.scrape_interval_ms
+        ):
+            raise ValueError(
+                f"scrape_interval_max_ms ({self.scrape_interval_max_ms}) must be at least "
+                f"scrape_interval_ms ({self.scrape_interval_ms}); set them equal for a fixed "
+                "interval"
+            )
         return self
 
     @property
@@ -197,8 +214,10 @@ class RouterConfig(_Strict):
         return self.scrape_interval_ms / 1000.0
 
     @property
-    def stale_after_s(self) -> float:
-        return self.scrape_interval_s * self.stale_after_intervals
+    def scrape_interval_max_s(self) -> float:
+        if self.scrape_interval_max_ms is None:
+            return 4 * self.scrape_interval_s
+        return self.scrape_interval_max_ms / 1000.0
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> RouterConfig:

@@ -46,20 +46,23 @@ class _Tracking:
     ejections_in_a_row: int = 0
     on_probation: bool = False
     scrape_failures: int = 0
+    scrape_interval_s: float = 0.2  # the scraper's current cadence; staleness is counted in it
 
 
 class EngineStateStore:
     def __init__(
         self,
         *,
-        stale_after_s: float = 1.0,
+        scrape_interval_s: float = 0.2,
+        stale_after_intervals: int = 5,
         eject_after_failures: int = 3,
         eject_seconds: float = 10.0,
         unhealthy_after_scrape_failures: int = 3,
         default_block_size: int = 16,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.stale_after_s = stale_after_s
+        self.scrape_interval_s = scrape_interval_s
+        self.stale_after_intervals = stale_after_intervals
         self.eject_after_failures = eject_after_failures
         self.eject_seconds = eject_seconds
         self.unhealthy_after = unhealthy_after_scrape_failures
@@ -90,7 +93,9 @@ class EngineStateStore:
             track = self._tracking.get(url)
             if track is None:
                 self._states[url] = EndpointState(endpoint=endpoint)
-                self._tracking[url] = _Tracking(declared=endpoint)
+                self._tracking[url] = _Tracking(
+                    declared=endpoint, scrape_interval_s=self.scrape_interval_s
+                )
                 added.append(endpoint)
             elif track.declared != endpoint:
                 track.declared = endpoint
@@ -137,18 +142,35 @@ class EngineStateStore:
         if track.scrape_failures >= self.unhealthy_after:
             state.stale = True
 
+    def set_scrape_interval(self, url: str, interval_s: float) -> None:
+        """The scraper's cadence for ``url`` from now on: metrics count as stale once they are
+        ``stale_after_intervals`` of it old, so a slower cadence does not read as staleness."""
+        track = self._tracking.get(url)
+        if track is not None:
+            track.scrape_interval_s = interval_s
+
+    def scrape_interval(self, url: str) -> float | None:
+        track = self._tracking.get(url)
+        return None if track is None else track.scrape_interval_s
+
+    def _too_old(self, state: EndpointState, now: float) -> bool:
+        at = state.metrics.scraped_at
+        if at == 0.0:
+            return True
+        track = self._tracking.get(state.url)
+        interval = self.scrape_interval_s if track is None else track.scrape_interval_s
+        return now - at > self.stale_after_intervals * interval
+
     def refresh_staleness(self, url: str) -> None:
         state = self._states.get(url)
         if state is None:
             return
-        at = state.metrics.scraped_at
-        state.stale = at == 0.0 or self._clock() - at > self.stale_after_s or state.stale
+        state.stale = self._too_old(state, self._clock()) or state.stale
 
     def refresh_all_staleness(self) -> None:
         now = self._clock()
         for state in self._list:
-            at = state.metrics.scraped_at
-            if at == 0.0 or now - at > self.stale_after_s:
+            if self._too_old(state, now):
                 state.stale = True
 
     # ------------------------------------------------------------------------ models/adapters

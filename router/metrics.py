@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -29,18 +29,29 @@ _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64,
 _RATIO_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 
 
+class EndpointView(NamedTuple):
+    """What the metrics show of one endpoint, read at scrape time."""
+
+    stale: bool
+    ejected: bool
+    in_flight: int
+    scrape_interval_s: float | None
+
+
 class _StateCollector(Collector):
     """Reads router state at scrape time through callbacks."""
 
     def __init__(
         self,
         queue_depths: Callable[[], Mapping[str, int]],
-        endpoints: Callable[[], Mapping[str, tuple[bool, bool, int]]],
+        endpoints: Callable[[], Mapping[str, EndpointView]],
         fallbacks: Callable[[], Mapping[tuple[str, str], int]],
         shared_state_up: Callable[[], float | None],
         held: Callable[[], Mapping[str, int]],
+        api_keys: Callable[[], tuple[int, int] | None],
     ) -> None:
         self._held = held
+        self._api_keys = api_keys
         self._queue_depths = queue_depths
         self._endpoints = endpoints
         self._fallbacks = fallbacks
@@ -77,13 +88,23 @@ class _StateCollector(Collector):
             "Requests in flight to the endpoint (this router plus other replicas via Redis)",
             labels=["endpoint"],
         )
-        for url, (is_stale, is_ejected, n) in sorted(self._endpoints().items()):
-            stale.add_metric([url], 1.0 if is_stale else 0.0)
-            ejected.add_metric([url], 1.0 if is_ejected else 0.0)
-            in_flight.add_metric([url], n)
+        cadence = GaugeMetricFamily(
+            "shoal_router_scrape_interval_seconds",
+            "Current wait between /metrics scrapes of the endpoint: the configured fastest while "
+            "its metrics tell the router something new, longer while they agree with its own "
+            "accounting",
+            labels=["endpoint"],
+        )
+        for url, view in sorted(self._endpoints().items()):
+            stale.add_metric([url], 1.0 if view.stale else 0.0)
+            ejected.add_metric([url], 1.0 if view.ejected else 0.0)
+            in_flight.add_metric([url], view.in_flight)
+            if view.scrape_interval_s is not None:
+                cadence.add_metric([url], view.scrape_interval_s)
         yield stale
         yield ejected
         yield in_flight
+        yield cadence
         fallbacks = CounterMetricFamily(
             "shoal_router_strategy_fallbacks",
             "Decisions where a strategy could not use its main signal",
@@ -92,6 +113,17 @@ class _StateCollector(Collector):
         for (strategy, reason), n in sorted(self._fallbacks().items()):
             fallbacks.add_metric([strategy, reason], n)
         yield fallbacks
+        keys = self._api_keys()
+        if keys is not None:
+            count, reload_errors = keys
+            yield GaugeMetricFamily(
+                "shoal_router_api_keys", "API keys in force (inline and from the key file)", count
+            )
+            yield CounterMetricFamily(
+                "shoal_router_api_keys_reload_errors",
+                "Key-file reloads that failed (the keys already loaded stay in force)",
+                reload_errors,
+            )
         up = self._shared_up()
         if up is not None:
             yield GaugeMetricFamily(
@@ -205,13 +237,14 @@ class RouterMetrics:
     def watch_state(
         self,
         queue_depths: Callable[[], Mapping[str, int]],
-        endpoints: Callable[[], Mapping[str, tuple[bool, bool, int]]],
+        endpoints: Callable[[], Mapping[str, EndpointView]],
         fallbacks: Callable[[], Mapping[tuple[str, str], int]],
         shared_state_up: Callable[[], float | None],
         held: Callable[[], Mapping[str, int]] = dict,
+        api_keys: Callable[[], tuple[int, int] | None] = lambda: None,
     ) -> None:
         self.registry.register(
-            _StateCollector(queue_depths, endpoints, fallbacks, shared_state_up, held)
+            _StateCollector(queue_depths, endpoints, fallbacks, shared_state_up, held, api_keys)
         )
 
     def render(self) -> bytes:

@@ -32,6 +32,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from shoal.hashing import block_hashes
 from shoal.router.admission import AdmissionController, Rejected
+from shoal.router.api_keys import ApiKeyTable
 from shoal.router.catalog import DeclaredCatalog
 from shoal.router.config import RouterConfig, priority_from_name
 from shoal.router.engine_state import EngineStateStore
@@ -271,6 +272,7 @@ class Gateway:
         shared: SharedState | None = None,
         catalog: DeclaredCatalog | None = None,
         holds: HoldQueue | None = None,
+        api_keys: ApiKeyTable | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.catalog = catalog
@@ -286,9 +288,7 @@ class Gateway:
         self.kv_index = kv_index
         self.shared = shared
         self._clock = clock
-        self._keys = {
-            key: (k.tenant, priority_from_name(k.priority)) for key, k in config.api_keys.items()
-        }
+        self.api_keys = api_keys if api_keys is not None else ApiKeyTable(config.api_keys)
 
     # ------------------------------------------------------------------------- plain routes
 
@@ -382,20 +382,20 @@ class Gateway:
                 asked = priority_from_name(header_priority)
             except ValueError as exc:
                 raise _bad(str(exc), PRIORITY_HEADER) from None
-        if not self._keys:
+        keys = self.api_keys
+        if keys.open:
             tenant = request.headers.get(TENANT_HEADER) or "default"
             return Identity(tenant[:MAX_SESSION_ID], asked or Priority.STANDARD, False)
         auth = request.headers.get("authorization", "")
         key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        found = self._keys.get(key)
-        if found is None:
+        grant = keys.lookup(key)
+        if grant is None:
             raise ApiError(
                 401, "missing or invalid API key", "invalid_request_error", code="invalid_api_key"
             )
-        tenant, default_priority = found
         # A key may lower its requests' priority by header, never raise it.
-        priority = default_priority if asked is None else max(asked, default_priority)
-        return Identity(tenant, priority, True)
+        priority = grant.priority if asked is None else max(asked, grant.priority)
+        return Identity(grant.tenant, priority, True)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from shoal.router.engine_state import EngineStateStore
+from shoal.router.scrape_cadence import ScrapeCadence
 from shoal.router.types import Endpoint, EngineMetrics
 from shoal.router.upstream import Upstream, UpstreamConnectError, UpstreamError
 
@@ -216,7 +217,7 @@ class ScraperPool:
         upstream: Upstream,
         store: EngineStateStore,
         *,
-        interval_s: float = 0.2,
+        cadence: ScrapeCadence | None = None,
         models_refresh_s: float = 5.0,
         discover_kv_sources: bool = True,
         on_kv_source: KvSourceHook | None = None,
@@ -224,14 +225,14 @@ class ScraperPool:
     ) -> None:
         self._upstream = upstream
         self._store = store
-        self._interval = interval_s
+        self._cadence = cadence or ScrapeCadence(0.2, 0.2)
         self._models_refresh = models_refresh_s
         self._discover_kv = discover_kv_sources
         self._on_kv_source = on_kv_source
         self._on_update = on_update
         self._tasks: dict[str, asyncio.Task[None]] = {}
         # Long enough for a busy engine, short enough that a hung one turns stale quickly.
-        self._timeout_s = max(1.0, 4 * interval_s)
+        self._timeout_s = max(1.0, 4 * self._cadence.fastest_s)
 
     def add(self, endpoint: Endpoint) -> None:
         if endpoint.url in self._tasks:
@@ -260,10 +261,11 @@ class ScraperPool:
             raise UpstreamError(f"GET {path} answered HTTP {status}")
         return body
 
-    async def scrape_once(self, endpoint: Endpoint, model: str | None) -> None:
+    async def scrape_once(self, endpoint: Endpoint, model: str | None) -> EngineMetrics:
         body = await self._get_ok(endpoint, "/metrics")
         result = parse_engine_metrics(body.decode("utf-8", "replace"), model)
         self._store.update_metrics(endpoint.url, result.metrics, result.block_size)
+        return result.metrics
 
     async def refresh_models(self, endpoint: Endpoint) -> ServedModels:
         served = parse_models(json.loads(await self._get_ok(endpoint, "/v1/models")))
@@ -291,6 +293,9 @@ class ScraperPool:
         kv_found = endpoint.kv_events_endpoint is not None or not self._discover_kv
         model: str | None = endpoint.models[0] if len(endpoint.models) == 1 else None
         failures = 0
+        cadence = self._cadence
+        interval = cadence.fastest_s
+        previous: EngineMetrics | None = None
         while True:
             started = loop.time()
             try:
@@ -301,17 +306,24 @@ class ScraperPool:
                     if not kv_found:
                         kv_found = await self.find_kv_source(endpoint)
                     next_models = started + self._models_refresh
-                await self.scrape_once(endpoint, model)
+                current = await self.scrape_once(endpoint, model)
                 failures = 0
+                state = self._store.get(url)
+                in_flight = state.in_flight_requests if state is not None else 0
+                interval = cadence.after_scrape(interval, previous, current, in_flight)
+                previous = current
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 failures += 1
+                interval = cadence.after_failure()
+                previous = None
                 self._store.scrape_failed(url, connect_error=isinstance(exc, UpstreamConnectError))
                 if failures == 1 or failures % 50 == 0:
                     log.warning("scraping %s failed (%d in a row): %r", url, failures, exc)
                 next_models = 0.0  # re-read models once it answers again
+            self._store.set_scrape_interval(url, interval)
             self._store.refresh_staleness(url)
             if self._on_update is not None:
                 self._on_update(url)
-            await asyncio.sleep(max(0.0, self._interval - (loop.time() - started)))
+            await asyncio.sleep(max(0.0, interval - (loop.time() - started)))

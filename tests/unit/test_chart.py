@@ -50,7 +50,11 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set-json",
         'router.weights={"queue-depth": 2}',
     ],
-    "router-only": ["--set", "operator.enabled=false,router.redisUrl=redis://r:6379/0"],
+    "router-only": [
+        "--set",
+        "operator.enabled=false,router.redisUrl=redis://r:6379/0,"
+        "router.apiKeys.existingSecret=router-keys,router.scrapeIntervalMaxMs=1000",
+    ],
 }
 
 
@@ -215,10 +219,23 @@ def test_router_config_is_accepted_by_the_router(
         assert config.redis_url == "redis://r:6379/0"
     else:
         assert config.redis_url is None
+    dep = _one(docs, "Deployment", "-router")
+    pod = dep["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    if name == "router-only":
+        # Keys from the Secret, mounted as a directory so that rotations reach the router.
+        assert config.api_keys_file == "/etc/shoal-api-keys/keys.yaml"
+        assert mounts["api-keys"]["mountPath"] == "/etc/shoal-api-keys"
+        assert "subPath" not in mounts["api-keys"]
+        secret = next(v for v in pod["volumes"] if v["name"] == "api-keys")["secret"]
+        assert secret["secretName"] == "router-keys"
+        assert config.scrape_interval_max_s == 1.0
+    else:
+        assert config.api_keys_file is None and "api-keys" not in mounts
+        assert config.scrape_interval_max_s == 4 * config.scrape_interval_s
     if name == "watch-namespaces":
         assert config.weights == {"queue-depth": 2}
-    dep = _one(docs, "Deployment", "-router")
-    c = dep["spec"]["template"]["spec"]["containers"][0]
+    c = pod["containers"][0]
     assert c["args"][:2] == ["router", "--config=/etc/shoal/router.yaml"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
 

@@ -16,6 +16,7 @@ def test_defaults_are_valid() -> None:
     config = RouterConfig()
     assert (config.host, config.port, config.strategy) == ("127.0.0.1", 8080, "prefix")
     assert config.scrape_interval_s == 0.2
+    assert config.scrape_interval_max_s == 0.8  # 4x the fastest unless set
 
 
 @pytest.mark.parametrize(
@@ -30,6 +31,7 @@ def test_defaults_are_valid() -> None:
         {"endpoints": [{"url": "ftp://x"}]},
         {"api_keys": {"k": {"tenant": "t", "priority": "urgent"}}},
         {"endpoints": [{"url": "http://a:1"}], "kubernetes": {"namespace": "x"}},
+        {"scrape_interval_ms": 500, "scrape_interval_max_ms": 200},
     ],
 )
 def test_invalid_configs_fail_with_a_message(data: dict[str, object]) -> None:
@@ -86,3 +88,11 @@ def test_endpoint_slice_translation() -> None:
     assert endpoints_from_slice(slice_obj, port_name="grpc") == []
     v6 = {**slice_obj, "addressType": "IPv6", "endpoints": [{"addresses": ["fd00::1"]}]}
     assert endpoints_from_slice(v6, port_name="http")[0].url == "http://[fd00::1]:8000"
+
+
+def test_scrape_interval_bounds_from_flags() -> None:
+    parser = argparse.ArgumentParser()
+    add_router_arguments(parser)
+    args = parser.parse_args(["--scrape-interval-ms", "100", "--scrape-interval-max-ms", "100"])
+    config = config_from_args(args)
+    assert (config.scrape_interval_s, config.scrape_interval_max_s) == (0.1, 0.1)

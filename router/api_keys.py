@@ -1,0 +1,138 @@
+"""API keys: which tenant and priority a key stands for, from the config or a file kept fresh.
+
+Keys can be written inline in the router config (``api_keys``), which suits a laptop; on a
+cluster they belong in a Secret, not in the ConfigMap that holds the rest of the config. So the
+router also reads them from ``api_keys_file`` (the Helm chart mounts a Secret there), a YAML
+mapping of the same shape::
+
+    sk-team-a: {tenant: team-a, priority: critical, weight: 2}
+    sk-batch: {tenant: batch, priority: sheddable}
+
+The file is re-read every ``api_keys_reload_s`` when its content changed (Kubernetes swaps a
+mounted Secret's files atomically a minute or so after an update), so keys are rotated without a
+restart. A file that stops parsing keeps the keys already loaded, and says so in a log line and in
+``shoal_router_api_keys_reload_errors_total``. With a file configured the router is never open,
+even while the file holds no keys: an emptied Secret must lock the door, not open it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from shoal.router.config import ApiKeyConfig, ConfigError, priority_from_name
+from shoal.router.types import Priority
+
+log = logging.getLogger(__name__)
+
+# A key file bigger than this is a mistake (a wrong mount), not a key list.
+MAX_KEY_FILE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class KeyGrant:
+    tenant: str
+    priority: Priority
+
+
+def read_api_keys_file(path: str | Path) -> dict[str, ApiKeyConfig]:
+    """The keys in ``path``; ConfigError saying what is wrong otherwise."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read API keys file {path}: {exc}") from None
+    if len(raw) > MAX_KEY_FILE_BYTES:
+        raise ConfigError(f"API keys file {path} is over {MAX_KEY_FILE_BYTES} bytes")
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"API keys file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"API keys file {path} must map each key to {{tenant: ...}}")
+    keys: dict[str, ApiKeyConfig] = {}
+    for key, entry in data.items():
+        if not isinstance(key, str) or not key.strip():
+            raise ConfigError(f"API keys file {path}: keys must be non-empty strings, got {key!r}")
+        try:
+            keys[key] = ApiKeyConfig.model_validate(entry)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "entry"
+            raise ConfigError(
+                f"API keys file {path}: key {key[:4]}…: {where}: {first['msg']}"
+            ) from None
+    return keys
+
+
+class ApiKeyTable:
+    """The keys in force: the config's inline ones plus the file's, swapped whole on reload."""
+
+    def __init__(self, inline: Mapping[str, ApiKeyConfig], file: str | None = None) -> None:
+        self._inline = dict(inline)
+        self.file = file
+        self.reload_errors = 0
+        self._file_digest: bytes | None = None
+        self._grants: dict[str, KeyGrant] = {}
+        self._weights: dict[str, float] = {}
+        file_keys = read_api_keys_file(file) if file is not None else {}
+        if file is not None:
+            self._file_digest = _digest(file)
+        self._install(file_keys)
+
+    @property
+    def open(self) -> bool:
+        """No key needed: nothing configured inline and no key file."""
+        return self.file is None and not self._grants
+
+    def __len__(self) -> int:
+        return len(self._grants)
+
+    def lookup(self, key: str) -> KeyGrant | None:
+        return self._grants.get(key)
+
+    def tenant_weight(self, tenant: str) -> float:
+        return self._weights.get(tenant, 1.0)
+
+    def reload(self) -> bool:
+        """Re-read the file if its content changed; True if new keys were installed."""
+        if self.file is None:
+            return False
+        try:
+            digest = _digest(self.file)
+            if digest == self._file_digest:
+                return False
+            keys = read_api_keys_file(self.file)
+        except (OSError, ConfigError) as exc:
+            self.reload_errors += 1
+            log.error("API keys not reloaded, keeping the %d in force: %s", len(self), exc)
+            return False
+        self._file_digest = digest
+        self._install(keys)
+        log.info("API keys reloaded from %s: %d keys", self.file, len(self))
+        return True
+
+    async def watch(self, interval_s: float) -> None:
+        """Reload forever (a background task of the router)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.reload()
+
+    def _install(self, file_keys: Mapping[str, ApiKeyConfig]) -> None:
+        both = {**file_keys, **self._inline}  # the config file names them explicitly: it wins
+        self._grants = {
+            key: KeyGrant(k.tenant, priority_from_name(k.priority)) for key, k in both.items()
+        }
+        self._weights = {k.tenant: k.weight for k in both.values()}
+
+
+def _digest(path: str) -> bytes:
+    return hashlib.sha256(Path(path).read_bytes()).digest()

@@ -26,13 +26,14 @@ from shoal.router.catalog import DeclaredCatalog, KubernetesCatalogSource
 from shoal.router.config import RouterConfig
 from shoal.router.discovery import Discovery, KubernetesDiscovery, StaticDiscovery
 from shoal.router.engine_state import EngineStateStore, SaturationPolicy
+from shoal.router.hf_tokenizer import HfTokenizers
 from shoal.router.holding import HoldQueue
 from shoal.router.kv_index import KvEventIndex
 from shoal.router.kv_subscriber import KvEventSubscriber
 from shoal.router.metrics import EndpointView, RouterMetrics
 from shoal.router.pipeline import FallbackRecorder
 from shoal.router.prefix_index import ApproxPrefixIndex
-from shoal.router.proxy import PROXY_KINDS, Gateway, TokenizerProvider
+from shoal.router.proxy import PROXY_KINDS, Gateway, SimTokenizers, TokenizerProvider
 from shoal.router.scorers import SessionTable
 from shoal.router.scrape_cadence import ScrapeCadence
 from shoal.router.scraper import ScraperPool
@@ -130,6 +131,13 @@ def build_components(
         max_tenants=config.max_tenants,
     )
     metrics = RouterMetrics()
+    if tokenizers is None and config.tokenizer == "hf":
+        tokenizers = HfTokenizers(
+            config.tokenizer_dirs,
+            fallback=SimTokenizers(),
+            on_fallback=lambda model: metrics.tokenizer_fallbacks.labels(model).inc(),
+            is_served=store.serves_root,
+        )
     holds = HoldQueue(max_per_name=config.hold.max_per_model, timeout_s=config.hold.timeout_s)
 
     def on_fresh_metrics() -> None:

@@ -146,8 +146,11 @@ class RouterConfig(_Strict):
     models: dict[str, ModelRoutingConfig] = Field(default_factory=dict)
     load_factor: float = Field(default=1.25, ge=1.0)
     load_slack: float = Field(default=2.0, ge=0)
-    # Prompt tokenization for block hashing: the simulator's tokenizer (engines are `shoal sim`).
-    tokenizer: Literal["sim"] = "sim"
+    # Prompt tokenization for block hashing: "sim" for `shoal sim` engines; "hf" for real vLLM
+    # engines, with each model's tokenizer files (tokenizer.json, tokenizer_config.json) in a
+    # local directory, mapped per model root in tokenizer_dirs (router/hf_tokenizer.py).
+    tokenizer: Literal["sim", "hf"] = "sim"
+    tokenizer_dirs: dict[str, str] = Field(default_factory=dict)
     default_block_size: int = Field(default=16, ge=1)
     prefix_index_max_entries: int = Field(default=500_000, ge=2)
     prefix_ttl_s: float = Field(default=600.0, gt=0)

@@ -188,6 +188,10 @@ class EngineStateStore:
         base = name if resolved is None else resolved[0]
         return self._roots.get(base, base)
 
+    def serves_root(self, root: str) -> bool:
+        """Some engine serves a model by this root (or base name)."""
+        return root in self._roots or root in self._roots.values()
+
     def update_models(
         self,
         url: str,

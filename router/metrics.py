@@ -198,6 +198,14 @@ class RouterMetrics:
             ["endpoint"],
             registry=r,
         )
+        self.tokenizer_fallbacks = Counter(
+            "shoal_router_tokenizer_fallbacks",
+            "Requests tokenized with the simulator's tokenizer because the model's Hugging Face "
+            "tokenizer is not available (tokenizer: hf); kv-aware cannot match a real engine's "
+            "KV events for them",
+            ["model"],
+            registry=r,
+        )
         self.prefix_blocks = Counter(
             "shoal_router_prefix_blocks",
             "Prompt blocks at decision time (kind=prompt) and those the chosen endpoint "

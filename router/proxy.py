@@ -118,7 +118,7 @@ class PromptTokenizer(Protocol):
     tokenizer (with the model's chat template) plugs in the same way for real vLLM engines.
     """
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]: ...
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str: ...
 
@@ -133,7 +133,9 @@ class SimPromptTokenizer:
     def __init__(self, vocab_size: int = 128256) -> None:
         self._tok = SimTokenizer(vocab_size)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        # ``shoal sim`` adds no special tokens to prompts whatever the request says (like the
+        # golden model's tokenizer, ``add_bos_token: false``), so neither does the router.
         return self._tok.encode(text)
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
@@ -210,11 +212,19 @@ def parse_body(
     tokenizer = tokenizer_for(model)
     text: str | None = None
     ids: list[int] = []
+    # vLLM's defaults: special tokens for completions; none for chat, whose template writes them.
+    special = body.get("add_special_tokens")
+    add_special_tokens = special if isinstance(special, bool) else kind != "chat"
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise _bad("'messages' must be a list of message objects", "messages")
-        text = tokenizer.chat_prompt(messages)
+        try:
+            text = tokenizer.chat_prompt(messages)
+        except (ValueError, TypeError) as exc:
+            # The engine renders the same template and answers this request with its own 400.
+            log.debug("chat template failed for %s: %s", model, exc)
+            text = None
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt:
@@ -228,7 +238,7 @@ def parse_body(
     prompt_tokens = len(ids)
     if text is not None:
         head = text[:MAX_TOKENIZED_CHARS]
-        ids = tokenizer.encode(head)
+        ids = tokenizer.encode(head, add_special_tokens=add_special_tokens)
         prompt_tokens = len(ids)
         if len(text) > len(head):
             # Roughly as many tokens per character as the part we did tokenize.

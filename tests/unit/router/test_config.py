@@ -96,3 +96,13 @@ def test_scrape_interval_bounds_from_flags() -> None:
     args = parser.parse_args(["--scrape-interval-ms", "100", "--scrape-interval-max-ms", "100"])
     config = config_from_args(args)
     assert (config.scrape_interval_s, config.scrape_interval_max_s) == (0.1, 0.1)
+
+
+def test_hf_tokenizer_dirs_are_loaded_at_start(tmp_path: Path) -> None:
+    from shoal.router.app import build_components
+    from shoal.router.hf_tokenizer import HfTokenizers
+
+    with pytest.raises(ConfigError, match=r"tokenizer\.json"):
+        build_components(RouterConfig(tokenizer="hf", tokenizer_dirs={"m": str(tmp_path)}))
+    components = build_components(RouterConfig(tokenizer="hf"))
+    assert isinstance(components.gateway.tokenizers, HfTokenizers)

@@ -53,7 +53,14 @@ VALUE_SETS: dict[str, list[str]] = {
     "router-only": [
         "--set",
         "operator.enabled=false,router.redisUrl=redis://r:6379/0,"
-        "router.apiKeys.existingSecret=router-keys,router.scrapeIntervalMaxMs=1000",
+        "router.apiKeys.existingSecret=router-keys,router.scrapeIntervalMaxMs=1000,"
+        "router.tokenizer=hf",
+        "--set-json",
+        'router.tokenizerDirs={"meta-llama/Llama-3.1-8B-Instruct": "/tokenizers/llama"}',
+        "--set-json",
+        'router.extraVolumes=[{"name": "tokenizers", "configMap": {"name": "tok"}}]',
+        "--set-json",
+        'router.extraVolumeMounts=[{"name": "tokenizers", "mountPath": "/tokenizers"}]',
     ],
 }
 
@@ -230,6 +237,11 @@ def test_router_config_is_accepted_by_the_router(
         secret = next(v for v in pod["volumes"] if v["name"] == "api-keys")["secret"]
         assert secret["secretName"] == "router-keys"
         assert config.scrape_interval_max_s == 1.0
+        # Real vLLM engines: the HF tokenizer, its files mounted through extraVolumes.
+        assert config.tokenizer == "hf"
+        assert config.tokenizer_dirs == {"meta-llama/Llama-3.1-8B-Instruct": "/tokenizers/llama"}
+        assert mounts["tokenizers"]["mountPath"] == "/tokenizers"
+        assert any(v["name"] == "tokenizers" for v in pod["volumes"])
     else:
         assert config.api_keys_file is None and "api-keys" not in mounts
         assert config.scrape_interval_max_s == 4 * config.scrape_interval_s

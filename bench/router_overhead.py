@@ -83,7 +83,7 @@ def serving(
         # Warm up: connections open, the first scrapes and model lists are in.
         asyncio.run(measure(p.url, 50, 2.0, seed=10_000))
     except Exception as exc:
-        errors[rut.impl] = f"{rut.label} did not start: {exc}"
+        errors[rut.label] = f"did not start: {exc}"
         p.stop()
         yield None
         return
@@ -91,6 +91,12 @@ def serving(
         yield p.url
     finally:
         p.stop()
+
+
+def _failed(rut: RouterUnderTest, errors: dict[str, str]) -> bool:
+    """Its implementation is not installed, or this configuration of it did not start (a
+    second configuration of the same router still runs)."""
+    return rut.impl in errors or rut.label in errors
 
 
 def sustained(s: Summary, rate: float, p99_bound_ms: float) -> bool:
@@ -144,7 +150,7 @@ def main() -> int:
                 # thermal, page cache) then lands on every router in turn, not always on the last.
                 shift = rep % len(candidates)
                 for rut in candidates[shift:] + candidates[:shift]:
-                    if rut is not None and rut.impl in errors:
+                    if rut is not None and _failed(rut, errors):
                         continue
                     label = "direct" if rut is None else rut.label
                     with serving(rut, urls, kv, log_dir, errors) as target:
@@ -161,7 +167,7 @@ def main() -> int:
                         file=sys.stderr,
                     )
         for rut in candidates:
-            if rut is not None and rut.impl in errors:
+            if rut is not None and _failed(rut, errors):
                 continue
             label = "direct" if rut is None else rut.label
             best = 0.0
@@ -280,8 +286,8 @@ def render(
     ]
     for label, rate in max_rate.items():
         lines.append(f"- {label}: {rate:g} req/s" if rate else f"- {label}: below the first step")
-    for impl, err in errors.items():
-        lines.append(f"- {impl}: could not run: `{err}`")
+    for name, err in errors.items():
+        lines.append(f"- {name}: could not run: `{err}`")
     return "\n".join(lines)
 
 

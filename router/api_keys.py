@@ -24,10 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
-from shoal.router.config import ApiKeyConfig, ConfigError, priority_from_name
+from shoal.router.config import ApiKeyConfig, ConfigError, load_yaml_mapping, priority_from_name
 from shoal.router.types import Priority
 
 log = logging.getLogger(__name__)
@@ -44,20 +43,12 @@ class KeyGrant:
 
 def read_api_keys_file(path: str | Path) -> dict[str, ApiKeyConfig]:
     """The keys in ``path``; ConfigError saying what is wrong otherwise."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read API keys file {path}: {exc}") from None
-    if len(raw) > MAX_KEY_FILE_BYTES:
-        raise ConfigError(f"API keys file {path} is over {MAX_KEY_FILE_BYTES} bytes")
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"API keys file {path} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"API keys file {path} must map each key to {{tenant: ...}}")
+    data = load_yaml_mapping(
+        path,
+        "API keys file",
+        shape="must map each key to {tenant: ...}",
+        max_bytes=MAX_KEY_FILE_BYTES,
+    )
     keys: dict[str, ApiKeyConfig] = {}
     for key, entry in data.items():
         if not isinstance(key, str) or not key.strip():

@@ -248,18 +248,32 @@ def _describe(exc: ValidationError) -> str:
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """The YAML mapping in ``path`` (not yet validated)."""
+    return load_yaml_mapping(path, "router config")
+
+
+def load_yaml_mapping(
+    path: str | Path,
+    what: str,
+    *,
+    shape: str = "must be a mapping at the top level",
+    max_bytes: int | None = None,
+) -> dict[str, Any]:
+    """The YAML mapping in ``path`` ({} for an empty file); ConfigError naming ``what`` and the
+    problem otherwise."""
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read router config {path}: {exc}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise ConfigError(f"{what} {path} is over {max_bytes} bytes")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"router config {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"router config {path} must be a mapping at the top level")
+        raise ConfigError(f"{what} {path} {shape}")
     return data
 
 

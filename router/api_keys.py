@@ -26,13 +26,20 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from shoal.router.config import ApiKeyConfig, ConfigError, load_yaml_mapping, priority_from_name
+from shoal.router.config import (
+    ApiKeyConfig,
+    ConfigError,
+    parse_yaml_mapping,
+    priority_from_name,
+    read_config_bytes,
+)
 from shoal.router.types import Priority
 
 log = logging.getLogger(__name__)
 
 # A key file bigger than this is a mistake (a wrong mount), not a key list.
 MAX_KEY_FILE_BYTES = 16 * 1024 * 1024
+_WHAT = "API keys file"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +50,12 @@ class KeyGrant:
 
 def read_api_keys_file(path: str | Path) -> dict[str, ApiKeyConfig]:
     """The keys in ``path``; ConfigError saying what is wrong otherwise."""
-    data = load_yaml_mapping(
-        path,
-        "API keys file",
-        shape="must map each key to {tenant: ...}",
-        max_bytes=MAX_KEY_FILE_BYTES,
-    )
+    return parse_api_keys(read_config_bytes(path, _WHAT, MAX_KEY_FILE_BYTES), path)
+
+
+def parse_api_keys(raw: bytes, path: str | Path) -> dict[str, ApiKeyConfig]:
+    """The keys in ``raw``, the content of the key file ``path``."""
+    data = parse_yaml_mapping(raw, path, _WHAT, shape="must map each key to {tenant: ...}")
     keys: dict[str, ApiKeyConfig] = {}
     for key, entry in data.items():
         if not isinstance(key, str) or not key.strip():
@@ -74,10 +81,9 @@ class ApiKeyTable:
         self._file_digest: bytes | None = None
         self._grants: dict[str, KeyGrant] = {}
         self._weights: dict[str, float] = {}
-        file_keys = read_api_keys_file(file) if file is not None else {}
+        self._install({})
         if file is not None:
-            self._file_digest = _digest(file)
-        self._install(file_keys)
+            self._load_file_if_changed(file)  # at start, a bad file is the caller's ConfigError
 
     @property
     def open(self) -> bool:
@@ -98,17 +104,25 @@ class ApiKeyTable:
         if self.file is None:
             return False
         try:
-            digest = _digest(self.file)
-            if digest == self._file_digest:
-                return False
-            keys = read_api_keys_file(self.file)
-        except (OSError, ConfigError) as exc:
+            changed = self._load_file_if_changed(self.file)
+        except ConfigError as exc:
             self.reload_errors += 1
             log.error("API keys not reloaded, keeping the %d in force: %s", len(self), exc)
             return False
+        if changed:
+            log.info("API keys reloaded from %s: %d keys", self.file, len(self))
+        return changed
+
+    def _load_file_if_changed(self, file: str) -> bool:
+        """Install the file's keys unless its content is the one already installed."""
+        # Read once: the digest and the keys come from the same bytes.
+        raw = read_config_bytes(file, _WHAT, MAX_KEY_FILE_BYTES)
+        digest = hashlib.sha256(raw).digest()
+        if digest == self._file_digest:
+            return False
+        keys = parse_api_keys(raw, file)  # a bad file leaves the digest, so it is retried
         self._file_digest = digest
         self._install(keys)
-        log.info("API keys reloaded from %s: %d keys", self.file, len(self))
         return True
 
     async def watch(self, interval_s: float) -> None:
@@ -123,7 +137,3 @@ class ApiKeyTable:
             key: KeyGrant(k.tenant, priority_from_name(k.priority)) for key, k in both.items()
         }
         self._weights = {k.tenant: k.weight for k in both.values()}
-
-
-def _digest(path: str) -> bytes:
-    return hashlib.sha256(Path(path).read_bytes()).digest()

@@ -260,12 +260,24 @@ def load_yaml_mapping(
 ) -> dict[str, Any]:
     """The YAML mapping in ``path`` ({} for an empty file); ConfigError naming ``what`` and the
     problem otherwise."""
+    return parse_yaml_mapping(read_config_bytes(path, what, max_bytes), path, what, shape)
+
+
+def read_config_bytes(path: str | Path, what: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of ``path``; ConfigError naming ``what`` if unreadable or over ``max_bytes``."""
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc}") from None
     if max_bytes is not None and len(raw) > max_bytes:
         raise ConfigError(f"{what} {path} is over {max_bytes} bytes")
+    return raw
+
+
+def parse_yaml_mapping(
+    raw: bytes, path: str | Path, what: str, shape: str = "must be a mapping at the top level"
+) -> dict[str, Any]:
+    """``raw`` (read from ``path``) as a YAML mapping ({} when empty); ConfigError otherwise."""
     try:
         data = yaml.safe_load(raw)
     except yaml.YAMLError as exc:

@@ -539,9 +539,9 @@ class Gateway:
         except ApiError as err:
             response = err.response()
         except asyncio.CancelledError:
-            if not watch.cancelled_request or this is None:
+            if not watch.absorb_cancellation(this):
                 raise  # the server is shutting down, not the client leaving
-            this.uncancel()  # ours: the client left before the engine answered
+            # Ours: the client left before the engine answered.
             self.metrics.count_request(watch.model, watch.endpoint, "499")
             response = Response(status_code=499)
         finally:
@@ -767,6 +767,15 @@ class DisconnectWatch:
                     self._guarded.cancel()
                 return
 
+    def absorb_cancellation(self, task: asyncio.Task[Any] | None) -> bool:
+        """After ``task`` caught a CancelledError: True, with the cancellation taken back, if
+        this watch caused it (the client left); False if it came from elsewhere (shutdown), and
+        the caller must re-raise it."""
+        if not self.cancelled_request or task is None:
+            return False
+        task.uncancel()
+        return True
+
     async def close(self) -> None:
         self._guarded = None
         self._task.cancel()
@@ -820,9 +829,9 @@ class PassthroughResponse(Response):
         try:
             await self._pump(send, outcome)
         except asyncio.CancelledError:
-            if not self._watch.cancelled_request or this is None:
+            if not self._watch.absorb_cancellation(this):
                 raise  # the server is shutting down, not the client leaving
-            this.uncancel()  # ours: go on to clean up
+            # Ours: go on to clean up.
             outcome.client_disconnected = True
         finally:
             await self._watch.close()

@@ -109,7 +109,7 @@ def run_router(args: argparse.Namespace) -> int:
         return 2
     if not config.endpoints and config.kubernetes is None:
         log.warning("no engine endpoints configured: every request will get 503")
-    if not config.api_keys and config.api_keys_file is None:
+    if app.state.router.gateway.api_keys.open:
         log.info("no API keys configured: the router is open to every caller")
     log.info(
         "shoal router on http://%s:%d (strategy %s)", config.host, config.port, config.strategy

@@ -120,7 +120,11 @@ class AsyncEngine:
     # ---- clock ------------------------------------------------------------------------------
     def now(self) -> float:
         """Simulated unix time."""
-        return self._sim0 + (time.monotonic() - self._wall0) * self.time_scale
+        return self._sim_time(time.monotonic())
+
+    def _sim_time(self, wall: float) -> float:
+        """Simulated unix time at monotonic wall time ``wall``."""
+        return self._sim0 + (wall - self._wall0) * self.time_scale
 
     # ---- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -253,7 +257,7 @@ class AsyncEngine:
             if previous_end is not None and start - previous_end <= CATCH_UP_LIMIT_S:
                 start = previous_end  # the engine core kept stepping while this loop was busy
             try:
-                result = core.step(self._sim0 + (start - self._wall0) * self.time_scale)
+                result = core.step(self._sim_time(start))
             except Exception:  # never let one bad step kill the server
                 log.exception("engine step failed; aborting all requests")
                 for rid in list(self._streams):

@@ -157,8 +157,7 @@ class EngineStateStore:
         at = state.metrics.scraped_at
         if at == 0.0:
             return True
-        track = self._tracking.get(state.url)
-        interval = self.scrape_interval_s if track is None else track.scrape_interval_s
+        interval = self._tracking[state.url].scrape_interval_s  # every state has its tracking
         return now - at > self.stale_after_intervals * interval
 
     def refresh_staleness(self, url: str) -> None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import os
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -61,6 +63,22 @@ async def measure(
     return summarize(run), [r.e2e_s * 1000.0 for r in run.results if r.ok and r.e2e_s is not None]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        # Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclasses.dataclass
+class Target:
+    """What a measurement loads: the engines directly, or a router (with its pid, for CPU)."""
+
+    urls: str | Sequence[str]
+    pid: int | None = None
+
+
 @contextlib.contextmanager
 def serving(
     rut: RouterUnderTest | None,
@@ -68,13 +86,13 @@ def serving(
     kv: list[str],
     log_dir: Path,
     errors: dict[str, str],
-) -> Iterator[str | Sequence[str] | None]:
+) -> Iterator[Target | None]:
     """The target to load: the engines themselves, or a router started for this measurement
     alone and stopped after it. Only the router under test runs, so whatever it does in the
     background (Shoal scrapes every engine's /metrics, which stalls a simulated engine for a
     few ms per scrape) is charged to it and to nobody else. None if it failed to start."""
     if rut is None:
-        yield engine_urls
+        yield Target(engine_urls)
         return
     p = router_process(rut, engine_urls, kv, port=free_port(), log_dir=log_dir, served_model=MODEL)
     try:
@@ -88,7 +106,7 @@ def serving(
         yield None
         return
     try:
-        yield p.url
+        yield Target(p.url, p.pid)
     finally:
         p.stop()
 
@@ -118,7 +136,9 @@ def main() -> int:
         "--repeats", type=int, default=4, help="runs per (router, rate); spread reported"
     )
     ap.add_argument("--engines", type=int, default=2)
-    ap.add_argument("--max-rate-steps", default="400,600,800,1000,1300,1600")
+    ap.add_argument(
+        "--max-rate-steps", default="400,600,800,1000,1300,1600", help="'' skips the search"
+    )
     ap.add_argument("--p99-bound-ms", type=float, default=100.0)
     ap.add_argument(
         "--routers",
@@ -141,6 +161,9 @@ def main() -> int:
     # pooled[label][rate] = end-to-end latencies (ms) of every repeat together
     pooled: dict[str, dict[float, list[float]]] = {"direct": {}}
     max_rate: dict[str, float] = {}
+    # cpu_ms[label][rate] = router CPU milliseconds per request, one per repeat
+    cpu_ms: dict[str, dict[float, list[float]]] = {}
+    steps = [float(x) for x in args.max_rate_steps.split(",") if x.strip()]
     try:
         candidates: list[RouterUnderTest | None] = [None]  # None: the engines, directly
         candidates += [r for r in routers if r.impl not in errors]
@@ -156,7 +179,12 @@ def main() -> int:
                     with serving(rut, urls, kv, log_dir, errors) as target:
                         if target is None:
                             continue
-                        s, e2e = asyncio.run(measure(target, rate, args.duration_s, seed=rep))
+                        cpu0 = cpu_seconds(target.pid) if target.pid else 0.0
+                        s, e2e = asyncio.run(measure(target.urls, rate, args.duration_s, seed=rep))
+                        if target.pid:
+                            cpu_ms.setdefault(label, {}).setdefault(rate, []).append(
+                                (cpu_seconds(target.pid) - cpu0) * 1000.0 / max(1, s.requests)
+                            )
                     if rut is not None and rut not in ran:
                         ran.append(rut)
                     results.setdefault(label, {}).setdefault(rate, []).append(s)
@@ -166,7 +194,7 @@ def main() -> int:
                         f"p99 {s.e2e_ms['p99']:7.2f} ms  ok {s.ok}/{s.requests}",
                         file=sys.stderr,
                     )
-        for rut in candidates:
+        for rut in candidates if steps else []:
             if rut is not None and _failed(rut, errors):
                 continue
             label = "direct" if rut is None else rut.label
@@ -174,8 +202,10 @@ def main() -> int:
             with serving(rut, urls, kv, log_dir, errors) as target:
                 if target is None:
                     continue
-                for step in [float(x) for x in args.max_rate_steps.split(",")]:
-                    s, _ = asyncio.run(measure(target, step, min(args.duration_s, 6.0), seed=99))
+                for step in steps:
+                    s, _ = asyncio.run(
+                        measure(target.urls, step, min(args.duration_s, 6.0), seed=99)
+                    )
                     ok = sustained(s, step, args.p99_bound_ms)
                     print(
                         f"{label:<28} max-rate probe {step:>6.0f}: "
@@ -190,7 +220,7 @@ def main() -> int:
     finally:
         for e in engines:
             e.stop()
-    body = render(args, rates, results, pooled, max_rate, errors, ran)
+    body = render(args, rates, results, pooled, max_rate, cpu_ms, errors, ran)
     print(body)
     if not args.no_write:
         update_section("router-overhead", body)
@@ -208,6 +238,7 @@ def render(
     results: dict[str, dict[float, list[Summary]]],
     pooled: dict[str, dict[float, list[float]]],
     max_rate: dict[str, float],
+    cpu_ms: dict[str, dict[float, list[float]]],
     errors: dict[str, str],
     routers: list[RouterUnderTest],
 ) -> str:
@@ -278,6 +309,23 @@ def render(
                 f"{_med(a50):.2f} [{min(a50):.2f}, {max(a50):.2f}] | "
                 f"{_med(a99):.2f} [{min(a99):.2f}, {max(a99):.2f}] | {ratio} |"
             )
+    if cpu_ms:
+        lines += [
+            "",
+            "Router CPU per request (user + system time of the router process over each run, "
+            "from /proc, divided by the run's requests; median [range] of the repeats, ms). "
+            "Unlike latency this hardly depends on what else the machine is doing:",
+            "",
+            "| router | " + " | ".join(f"{r:g} req/s" for r in rates) + " |",
+            "| --- |" + " ---: |" * len(rates),
+        ]
+        for r in routers:
+            per_rate = cpu_ms.get(r.label, {})
+            cells = [
+                f"{_med(v):.2f} [{min(v):.2f}, {max(v):.2f}]" if (v := per_rate.get(rate)) else ""
+                for rate in rates
+            ]
+            lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Highest rate sustained (achieved ≥ 95% of offered, no errors, "

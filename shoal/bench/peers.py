@@ -113,6 +113,10 @@ def router_process(
                 for u, k in zip(engine_urls, kv_endpoints, strict=True)
             ],
             "strategy": rut.policy,
+            # As vllm-router is given event sources only for kv_aware, Shoal subscribes to the
+            # engines' KV events only for the strategy that reads them; otherwise it would be
+            # charged for decoding a stream its policy ignores.
+            "kv_events": "auto" if rut.policy == "kv-aware" else "off",
             "log_level": "WARNING",
             **{k: yaml.safe_load(v) for k, v in rut.options},
         }

@@ -265,7 +265,9 @@ def render(
         "backs off to 800 ms while the engine is calm (router/scrape_cadence.py); on this "
         "benchmark's engines (no queue, load all the router's own) it backs off. The row with "
         "`scrape_interval_max_ms 200` scrapes every 200 ms throughout, to show what the cadence "
-        "saves. The client, the engines and the "
+        "saves. Shoal's round-robin does not subscribe to the engines' KV events (`kv_events: "
+        "off`), as vllm-router is given event sources only for `kv_aware`. The client, the "
+        "engines and the "
         "router share this machine's cores: the numbers include CPU contention, and the 'max rate' "
         "is the machine's limit for engines + router + client together, not the router's alone.",
         "",

@@ -230,6 +230,10 @@ class EngineStateStore:
         """(base model, adapter or None) for a requested model name, None if nobody serves it."""
         return self._models.get(name)
 
+    def base_models(self) -> list[str]:
+        """Every base model some endpoint serves, sorted."""
+        return sorted(name for name, (_, lora) in self._models.items() if lora is None)
+
     def resolve_servable(self, name: str) -> tuple[str, str | None] | None:
         """Like ``resolve_model``, but only once an endpoint that serves the name is healthy,
         has fresh metrics and is not ejected: what a held request waits for."""

@@ -155,7 +155,8 @@ class RouterMetrics:
         )
         self.tpot = Histogram(
             "shoal_router_time_per_output_token_seconds",
-            "Time per output token after the first, measured at the router",
+            "Time per output token after the first, measured at the router (streamed requests "
+            "only: a non-streamed response arrives at once)",
             ["model"],
             buckets=_TPOT_BUCKETS,
             registry=r,

@@ -183,12 +183,17 @@ def _bad(message: str, param: str | None = None) -> ApiError:
 
 
 def parse_body(
-    raw: bytes, kind: str, tokenizer_for: Callable[[str], PromptTokenizer]
+    raw: bytes,
+    kind: str,
+    tokenizer_for: Callable[[str], PromptTokenizer],
+    default_model: Callable[[], str] | None = None,
 ) -> ParsedBody:
     """Parse an OpenAI completions/chat body once and extract what routing needs.
 
     Only what routing relies on is validated here; the engine validates the rest and its 400s
-    pass through unchanged.
+    pass through unchanged. A body without ``model`` (or with ``null``) gets ``default_model()``,
+    as vLLM serves its default model then; that callable raises ``ApiError`` when the router has
+    no single model to choose.
     """
     try:
         # orjson: ~3x faster than the standard library here, and it rejects NaN/Infinity,
@@ -199,7 +204,11 @@ def parse_body(
     if not isinstance(body, dict):
         raise _bad("request body must be a JSON object")
     model = body.get("model")
-    if not isinstance(model, str) or not model:
+    if model is None:
+        if default_model is None:
+            raise _bad("'model' is required", "model")
+        model = default_model()
+    elif not isinstance(model, str) or not model:
         raise _bad("'model' must be a non-empty string", "model")
     stream = body.get("stream") is True
     max_tokens: int | None = None
@@ -384,6 +393,20 @@ class Gateway:
     def _tokenizer_for(self, model: str) -> PromptTokenizer:
         return self.tokenizers.for_model(self.store.model_root(model))
 
+    def _default_model(self) -> str:
+        """The model of a request that names none: the fleet's only base model. The body goes
+        upstream as it came, and an engine answers a model-less request with its default (its
+        first served name), which is that model."""
+        bases = self.store.base_models()
+        if len(bases) == 1:
+            return bases[0]
+        if not bases:
+            raise self._no_endpoint("", "no_endpoints")
+        shown = ", ".join(bases[:10]) + (f" and {len(bases) - 10} more" if len(bases) > 10 else "")
+        raise _bad(
+            f"'model' is required: this router serves {len(bases)} models ({shown})", "model"
+        )
+
     def _identify(self, request: Request) -> Identity:
         header_priority = request.headers.get(PRIORITY_HEADER)
         asked: Priority | None = None
@@ -560,7 +583,7 @@ class Gateway:
         watch: DisconnectWatch,
     ) -> Response:
         """Parse, admit and dispatch one request whose body has been read."""
-        parsed = parse_body(raw, kind, self._tokenizer_for)
+        parsed = parse_body(raw, kind, self._tokenizer_for, self._default_model)
         strategy = request.headers.get(STRATEGY_HEADER) or None
         if strategy is not None:
             try:

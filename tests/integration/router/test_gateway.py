@@ -100,6 +100,17 @@ def test_client_errors_are_openai_shaped(router: Router) -> None:
     assert resp.status_code == 400
 
 
+def test_a_body_without_model_is_served_by_the_only_model_as_vllm_does(router: Router) -> None:
+    """vLLM answers a model-less request with its default model (golden
+    ``056_missing_model_completions``); through the router it does the same."""
+    body = {"prompt": "hello world tell me a short story about the cat", "max_tokens": 4}
+    resp = httpx.post(router.url + "/v1/completions", json=body, timeout=10)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["model"] == "tiny"
+    assert resp.json()["usage"]["prompt_tokens"] == 10
+    assert resp.headers["x-shoal-endpoint"]
+
+
 def test_body_limit_413(spawn: object, engines: list[Sim]) -> None:
     r = spawn.router([engines[0].url], "--max-body-bytes", "1024")  # type: ignore[attr-defined]
     resp = httpx.post(

@@ -60,7 +60,7 @@ def start_engines(
     )
 
 
-def workload(rate: float, n: int, seed: int = 0) -> list[wl.BenchRequest]:
+def workload(rate: float, n: int, seed: int = 0, skew: float = 0.0) -> list[wl.BenchRequest]:
     return wl.shared_prefix(
         wl.arrival_times(rate, n, seed=seed),
         num_groups=32,
@@ -68,6 +68,7 @@ def workload(rate: float, n: int, seed: int = 0) -> list[wl.BenchRequest]:
         suffix_tokens=256,
         output_tokens=128,
         seed=seed,
+        skew=skew,
     )
 
 
@@ -117,6 +118,13 @@ def main() -> int:
         help="wall req/s offered when measuring round-robin capacity",
     )
     ap.add_argument("--load", type=float, default=0.8, help="offered load as a share of capacity")
+    ap.add_argument(
+        "--group-skew",
+        type=float,
+        default=0.0,
+        help="Zipf exponent of prefix-group popularity (0: equally popular, the issue's "
+        "workload; 1.5: the hottest group takes ~44%% of requests)",
+    )
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--no-write", action="store_true")
@@ -153,7 +161,7 @@ def main() -> int:
         )
     rate_wall = args.load * capacity * scale
     n = int(rate_wall * args.duration_s)
-    reqs = workload(rate_wall, n, seed=0)
+    reqs = workload(rate_wall, n, seed=0, skew=args.group_skew)
     rows: list[tuple[RouterUnderTest, list[Summary], list[float]]] = []
     for c in configs:
         if c.impl in errors:
@@ -203,7 +211,14 @@ def render(
         f"Machine: {machine_facts()}",
         "",
         f"{args.engines} `shoal sim` engines (Llama-3.1-8B on H100, default KV cache size, KV events "
-        "on); 32 prefix groups × 4,000-token shared prefixes, 256-token suffixes, 128 output tokens "
+        "on); 32 prefix groups × 4,000-token shared prefixes"
+        + (
+            f" (popularity Zipf, exponent {args.group_skew:g}: the hottest group takes "
+            f"{1 / sum(1 / (g + 1) ** args.group_skew for g in range(32)):.0%} of requests)"
+            if args.group_skew
+            else " (equally popular)"
+        )
+        + ", 256-token suffixes, 128 output tokens "
         f"(streamed, `ignore_eos`); Poisson arrivals at {args.load:.0%} of round-robin's measured "
         f"capacity ({capacity:.1f} req/s) = {rate:.1f} req/s, {n} requests per run; fresh engines per "
         f"run. Engines run at time scale {args.time_scale:g} (simulated s per wall s) so that this "

@@ -9,6 +9,7 @@ tokenizer splits them differently, which only changes the sizes, not the sharing
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -117,21 +118,29 @@ def shared_prefix(
     suffix_tokens: int,
     output_tokens: int,
     seed: int = 0,
+    skew: float = 0.0,
 ) -> list[BenchRequest]:
-    """Requests that each pick a group uniformly and send its shared prefix plus a unique suffix.
+    """Requests that each pick a group and send its shared prefix plus a unique suffix.
 
     This is the system-prompt / few-shot pattern where prefix-aware routing pays: every request
     of a group can reuse the group's cached prefix blocks on the engine that served it before.
+    Groups are equally popular with ``skew`` 0; otherwise group ``g`` is picked with probability
+    proportional to ``1 / (g + 1) ** skew`` (Zipf), so group 0 is a hot prefix.
     """
     if num_groups < 1:
         raise ValueError(f"need at least one prefix group, got {num_groups}")
+    if skew < 0:
+        raise ValueError(f"skew must be >= 0, got {skew}")
+    cum_weights = list(itertools.accumulate(1.0 / (g + 1) ** skew for g in range(num_groups)))
     prefixes = [
         words(random.Random(f"{seed}/prefix/{g}"), prefix_tokens) for g in range(num_groups)
     ]
     rng = random.Random(f"{seed}/shared-prefix")
+    groups = range(num_groups)
     out = []
     for i, t in enumerate(arrivals):
-        g = rng.randrange(num_groups)
+        # randrange for the uniform case keeps its request streams as they were before skew.
+        g = rng.randrange(num_groups) if not skew else rng.choices(groups, cum_weights=cum_weights)[0]
         suffix = words(random.Random(f"{seed}/suffix/{i}"), suffix_tokens)
         prompt = (
             f"{prefixes[g]} {suffix}" if prefix_tokens and suffix_tokens else prefixes[g] + suffix

@@ -85,6 +85,20 @@ def test_shared_prefixes_are_shared_and_suffixes_unique() -> None:
     assert len(set(suffixes)) == len(suffixes)
 
 
+def test_skewed_groups_follow_zipf_and_uniform_streams_stay_as_they_were() -> None:
+    arrivals = wl.arrival_times(50, 4000, seed=1)
+    kw = {"num_groups": 8, "prefix_tokens": 10, "suffix_tokens": 2, "output_tokens": 4}
+    hot = wl.shared_prefix(arrivals, skew=1.5, **kw)
+    counts = [sum(r.group == g for r in hot) for g in range(8)]
+    # P(g) ∝ 1 / (g + 1)^1.5: group 0 takes ~44%, group 7 ~2%.
+    weights = [1 / (g + 1) ** 1.5 for g in range(8)]
+    for g in range(8):
+        assert abs(counts[g] / 4000 - weights[g] / sum(weights)) < 0.03
+    assert wl.shared_prefix(arrivals, skew=0.0, **kw) == wl.shared_prefix(arrivals, **kw)
+    with pytest.raises(ValueError, match="skew"):
+        wl.shared_prefix(arrivals, skew=-1, **kw)
+
+
 def test_multi_turn_resends_growing_history() -> None:
     reqs = wl.multi_turn(
         [0.0, 0.5], turns=3, system_tokens=20, user_tokens=5, output_tokens=4, turn_gap_s=1.0

@@ -140,7 +140,11 @@ def shared_prefix(
     out = []
     for i, t in enumerate(arrivals):
         # randrange for the uniform case keeps its request streams as they were before skew.
-        g = rng.randrange(num_groups) if not skew else rng.choices(groups, cum_weights=cum_weights)[0]
+        g = (
+            rng.randrange(num_groups)
+            if not skew
+            else rng.choices(groups, cum_weights=cum_weights)[0]
+        )
         suffix = words(random.Random(f"{seed}/suffix/{i}"), suffix_tokens)
         prompt = (
             f"{prefixes[g]} {suffix}" if prefix_tokens and suffix_tokens else prefixes[g] + suffix

@@ -162,6 +162,7 @@ def build_components(
         store,
         cadence=ScrapeCadence(config.scrape_interval_s, config.scrape_interval_max_s),
         models_refresh_s=config.models_refresh_s,
+        idle_wait_share=config.scrape_idle_wait_share,
         discover_kv_sources=subscriber is not None,
         on_kv_source=subscriber.add if subscriber is not None else None,
         # Fresh metrics may mean free capacity (let the queues try) or a newly servable

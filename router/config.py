@@ -165,6 +165,10 @@ class RouterConfig(_Strict):
     scrape_interval_ms: int = Field(default=200, ge=10)
     scrape_interval_max_ms: int | None = Field(default=None, ge=10)
     stale_after_intervals: int = Field(default=5, ge=1)
+    # A due scrape waits up to this share of its interval for the engine to have no request of
+    # the router's in flight, so that the engine's /metrics render (milliseconds on its API
+    # loop) holds no request up; under steady load it scrapes at the deadline. 0: never waits.
+    scrape_idle_wait_share: float = Field(default=0.25, ge=0, le=1)
     models_refresh_s: float = Field(default=5.0, gt=0)
 
     # Limits and admission.

@@ -14,6 +14,7 @@ is ejected again at once, if it succeeds the endpoint is fully back.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -77,6 +78,8 @@ class EngineStateStore:
         self.counters: Counter[str] = Counter()
         # Called when the set of served names changes (held requests re-check theirs).
         self.on_models_changed: Callable[[], None] | None = None
+        # Scrapers waiting for an endpoint to have no request in flight (see wait_idle).
+        self._idle_waiters: dict[str, asyncio.Future[None]] = {}
 
     # ---------------------------------------------------------------------------- membership
 
@@ -88,6 +91,7 @@ class EngineStateStore:
         for url in removed:
             del self._states[url]
             del self._tracking[url]
+            self._wake_idle_waiter(url)
         added: list[Endpoint] = []
         for url, endpoint in wanted.items():
             track = self._tracking.get(url)
@@ -286,6 +290,30 @@ class EngineStateStore:
         track.local_tokens = max(0, track.local_tokens - tokens)
         state.in_flight_requests = track.local_requests + track.remote_requests
         state.in_flight_tokens = track.local_tokens
+        if state.in_flight_requests == 0:
+            self._wake_idle_waiter(url)
+
+    async def wait_idle(self, url: str, timeout_s: float) -> bool:
+        """Wait until no request (this router's or, through shared state, another replica's) is
+        in flight at ``url``, for at most ``timeout_s``; True if it is idle now."""
+        state = self._states.get(url)
+        if state is None or state.in_flight_requests == 0:
+            return True
+        if timeout_s <= 0:
+            return False
+        waiter = self._idle_waiters.get(url)
+        if waiter is None or waiter.done():
+            waiter = self._idle_waiters[url] = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def _wake_idle_waiter(self, url: str) -> None:
+        waiter = self._idle_waiters.pop(url, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def local_in_flight(self) -> dict[str, int]:
         return {url: t.local_requests for url, t in self._tracking.items()}
@@ -294,7 +322,10 @@ class EngineStateStore:
         """Other replicas' in-flight requests per endpoint (shared state); absent means 0."""
         for url, track in self._tracking.items():
             track.remote_requests = max(0, int(counts.get(url, 0)))
-            self._states[url].in_flight_requests = track.local_requests + track.remote_requests
+            state = self._states[url]
+            state.in_flight_requests = track.local_requests + track.remote_requests
+            if state.in_flight_requests == 0:
+                self._wake_idle_waiter(url)
 
     # ------------------------------------------------------------------------ failures/ejection
 

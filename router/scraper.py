@@ -222,8 +222,13 @@ class ScraperPool:
         discover_kv_sources: bool = True,
         on_kv_source: KvSourceHook | None = None,
         on_update: Callable[[str], None] | None = None,
+        idle_wait_share: float = 0.0,
     ) -> None:
         self._upstream = upstream
+        # A due scrape waits up to this share of the interval for a moment when no request is in
+        # flight at the engine: rendering /metrics blocks the engine's API-server loop for
+        # milliseconds, and every request in flight there waits with it.
+        self._idle_wait_share = idle_wait_share
         self._store = store
         self._cadence = cadence or ScrapeCadence(0.2, 0.2)
         self._models_refresh = models_refresh_s
@@ -306,6 +311,8 @@ class ScraperPool:
                     if not kv_found:
                         kv_found = await self.find_kv_source(endpoint)
                     next_models = started + self._models_refresh
+                if self._idle_wait_share > 0:
+                    await self._store.wait_idle(url, interval * self._idle_wait_share)
                 current = await self.scrape_once(endpoint, model)
                 failures = 0
                 state = self._store.get(url)

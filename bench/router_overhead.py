@@ -328,12 +328,15 @@ def render(
                 for rate in rates
             ]
             lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Highest rate sustained (achieved ≥ 95% of offered, no errors, "
-        f"p99 ≤ {args.p99_bound_ms:g} ms; probe steps {args.max_rate_steps} req/s):",
-        "",
-    ]
+    if max_rate:
+        lines += [
+            "",
+            "Highest rate sustained (achieved ≥ 95% of offered, no errors, "
+            f"p99 ≤ {args.p99_bound_ms:g} ms; probe steps {args.max_rate_steps} req/s):",
+            "",
+        ]
+    elif errors:
+        lines.append("")
     for label, rate in max_rate.items():
         lines.append(f"- {label}: {rate:g} req/s" if rate else f"- {label}: below the first step")
     for name, err in errors.items():

@@ -110,15 +110,23 @@ def adapters_status(cluster: Cluster, ns: str) -> dict[str, dict[str, Any]]:
     }
 
 
-def all_ready(cluster: Cluster, ns: str, names: list[str], pods: int) -> dict[str, Any] | None:
+def all_ready(cluster: Cluster, ns: str, names: list[str], pods: int) -> dict[str, Any]:
+    """The adapters' status once every one is Ready on 2 pods of ``pods``; until then raises
+    what is missing, which ``wait_for`` reports if it never comes."""
     st = adapters_status(cluster, ns)
-    ok = all(
-        st.get(n, {}).get("phase") == "Ready"
-        and st[n].get("loadedReplicas") == 2
-        and len(engine_pods(cluster, ns)) == pods
+    running = len(engine_pods(cluster, ns))
+    behind = {
+        n: (st.get(n, {}).get("phase"), st.get(n, {}).get("loadedReplicas"))
         for n in names
-    )
-    return st if ok else None
+        if st.get(n, {}).get("phase") != "Ready" or st[n].get("loadedReplicas") != 2
+    }
+    if behind or running != pods:
+        shown = dict(list(behind.items())[:5])
+        raise AssertionError(
+            f"{running}/{pods} engine pods; {len(behind)} adapters not Ready on 2 pods "
+            f"(phase, loadedReplicas): {shown}"
+        )
+    return st
 
 
 def two_each(truth: dict[str, set[str]], names: list[str]) -> dict[str, set[str]] | None:

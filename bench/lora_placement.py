@@ -56,13 +56,6 @@ PLACEMENTS = ("everywhere", "shoal", "first-n")
 Layout = dict[str, list[str]]
 
 
-def zipf_weights(n: int, s: float) -> list[float]:
-    """Request shares of ``n`` adapters ranked by popularity: p_i ∝ 1 / i^s."""
-    raw = [1.0 / (i**s) for i in range(1, n + 1)]
-    total = sum(raw)
-    return [w / total for w in raw]
-
-
 def layouts(
     kind: str, adapters: Sequence[str], shares: Sequence[float], args: argparse.Namespace
 ) -> tuple[Layout, dict[str, int]]:
@@ -233,7 +226,7 @@ def main() -> int:
             ap.error(f"unknown placement {k!r}; valid: {', '.join(PLACEMENTS)}")
 
     adapters = [f"adapter-{i:03d}" for i in range(args.adapters)]
-    shares = zipf_weights(args.adapters, args.zipf_s)
+    shares = wl.zipf_weights(args.adapters, args.zipf_s)
     log_dir = Path(tempfile.mkdtemp(prefix="shoal-bench-lora-placement-"))
     adapter_dir = log_dir / "adapters"
     for a in adapters:

@@ -214,7 +214,7 @@ def render(
         "on); 32 prefix groups × 4,000-token shared prefixes"
         + (
             f" (popularity Zipf, exponent {args.group_skew:g}: the hottest group takes "
-            f"{1 / sum(1 / (g + 1) ** args.group_skew for g in range(32)):.0%} of requests)"
+            f"{wl.zipf_weights(32, args.group_skew)[0]:.0%} of requests)"
             if args.group_skew
             else " (equally popular)"
         )

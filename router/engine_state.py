@@ -278,8 +278,7 @@ class EngineStateStore:
         track = self._tracking[url]
         track.local_requests += 1
         track.local_tokens += tokens
-        state.in_flight_requests = track.local_requests + track.remote_requests
-        state.in_flight_tokens = track.local_tokens
+        self._recount(url, state, track)
 
     def end(self, url: str, tokens: int) -> None:
         state = self._states.get(url)
@@ -288,6 +287,11 @@ class EngineStateStore:
         track = self._tracking[url]
         track.local_requests = max(0, track.local_requests - 1)
         track.local_tokens = max(0, track.local_tokens - tokens)
+        self._recount(url, state, track)
+
+    def _recount(self, url: str, state: EndpointState, track: _Tracking) -> None:
+        """The endpoint's in-flight counts from this router's and the other replicas'; a
+        scraper waiting for the endpoint to be idle is woken when they reach zero."""
         state.in_flight_requests = track.local_requests + track.remote_requests
         state.in_flight_tokens = track.local_tokens
         if state.in_flight_requests == 0:
@@ -322,10 +326,7 @@ class EngineStateStore:
         """Other replicas' in-flight requests per endpoint (shared state); absent means 0."""
         for url, track in self._tracking.items():
             track.remote_requests = max(0, int(counts.get(url, 0)))
-            state = self._states[url]
-            state.in_flight_requests = track.local_requests + track.remote_requests
-            if state.in_flight_requests == 0:
-                self._wake_idle_waiter(url)
+            self._recount(url, self._states[url], track)
 
     # ------------------------------------------------------------------------ failures/ejection
 

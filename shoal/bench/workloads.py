@@ -110,6 +110,13 @@ def arrival_times(
     raise ValueError(f"unknown arrival kind {kind!r}; valid: {', '.join(ARRIVAL_KINDS)}")
 
 
+def zipf_weights(n: int, s: float) -> list[float]:
+    """Shares of ``n`` items ranked by popularity: p_i ∝ 1 / i^s (s = 0: all equal)."""
+    raw = [1.0 / (i**s) for i in range(1, n + 1)]
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
 def shared_prefix(
     arrivals: Sequence[float],
     *,
@@ -131,7 +138,7 @@ def shared_prefix(
         raise ValueError(f"need at least one prefix group, got {num_groups}")
     if skew < 0:
         raise ValueError(f"skew must be >= 0, got {skew}")
-    cum_weights = list(itertools.accumulate(1.0 / (g + 1) ** skew for g in range(num_groups)))
+    cum_weights = list(itertools.accumulate(zipf_weights(num_groups, skew)))
     prefixes = [
         words(random.Random(f"{seed}/prefix/{g}"), prefix_tokens) for g in range(num_groups)
     ]

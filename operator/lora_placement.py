@@ -16,7 +16,10 @@ How:
    under the soft cap, ties broken by rendezvous (highest-random-weight) hash of adapter and pod,
    which makes the outcome independent of pod order and stable across runs. A replacement pod
    is the least loaded, so it takes back the adapters its predecessor held.
-3. *Fill*: replicas still missing may use any room up to the hard capacity.
+3. *Fill*: replicas still missing may use any room up to the hard capacity. When the only room
+   left is on pods that already hold the adapter (pods that joined one by one, the first ones
+   full), *swap*: move another adapter from a full pod to a pod with room, and take its place.
+   So a replica stays unplaced only when the fleet's capacity is really short.
 4. *Hot extras*: adapters whose request rate exceeds ``rate_per_replica`` × replicas get more
    replicas, hottest first, from the room left (never displacing a base replica). Extras already
    loaded are kept while the adapter stays hot, so they do not hop between pods.
@@ -201,6 +204,29 @@ def place(
             load[name] += 1
         return len(chosen)
 
+    def swap(adapter: str) -> bool:
+        """Free a full pod for ``adapter`` by moving one of its adapters to a pod with room.
+
+        It always succeeds when the adapter is held on fewer pods than exist and some pod has
+        room: that pod holds the adapter (else ``add`` had taken it), so every pod without it is
+        full, and a full pod holds something the roomier pod lacks.
+        """
+        rooms = [name for name in by_name if load[name] < hard[name]]
+        full = [name for name in by_name if name not in held[adapter] and load[name] >= hard[name]]
+        for donor in sorted(full, key=lambda pod: -hrw(adapter, pod)):
+            on_donor = [a for a in held if donor in held[a] and a != adapter]
+            for moved in sorted(on_donor, key=lambda a: hrw(a, donor)):  # its worst-ranked first
+                targets = [r for r in rooms if r != donor and r not in held[moved]]
+                if not targets:
+                    continue
+                target = min(targets, key=lambda pod: (load[pod], -hrw(moved, pod)))
+                held[moved].discard(donor)
+                held[moved].add(target)
+                load[target] += 1
+                held[adapter].add(donor)
+                return True
+        return False
+
     # Most-wanted first: an adapter on every pod has the fewest choices.
     order = sorted(demands, key=lambda a: (-want[a], -demands[a].request_rate, a))
     hard = {name: max(0, p.capacity) for name, p in by_name.items()}
@@ -212,6 +238,13 @@ def place(
     for cap in (soft, hard):
         for adapter in order:
             add(adapter, missing(adapter), cap)
+    # 3b. swap: room may be left only on pods that already hold the adapter (pods joined one by
+    #     one and the first ones filled up). Then move another adapter from a full pod to such a
+    #     pod, which frees the full pod for this one: one unload and two loads instead of a
+    #     replica that stays unplaced for good.
+    for adapter in order:
+        while missing(adapter) > 0 and swap(adapter):
+            pass
     # 4. hot extras, hottest first, from what room is left
     for adapter in sorted(demands, key=lambda a: (-demands[a].request_rate, a)):
         add(adapter, missing(adapter) + extra[adapter], hard)

@@ -110,7 +110,6 @@ def build_components(
         load_factor=config.load_factor,
         load_slack=config.load_slack,
         max_waiting=config.saturation.max_waiting,
-        avoid_scraping=config.avoid_scraped_endpoints,
     )
     sat = config.saturation
     saturation = SaturationPolicy(

@@ -169,9 +169,6 @@ class RouterConfig(_Strict):
     # the router's in flight, so that the engine's /metrics render (milliseconds on its API
     # loop) holds no request up; under steady load it scrapes at the deadline. 0: never waits.
     scrape_idle_wait_share: float = Field(default=0.25, ge=0, le=1)
-    # Load-only strategies skip an engine while its /metrics is being read (the render stalls
-    # its API loop); strategies with an affinity scorer never do. router/filters.py.
-    avoid_scraped_endpoints: bool = True
     models_refresh_s: float = Field(default=5.0, gt=0)
 
     # Limits and admission.

@@ -297,11 +297,6 @@ class EngineStateStore:
         if state.in_flight_requests == 0:
             self._wake_idle_waiter(url)
 
-    def set_scraping(self, url: str, scraping: bool) -> None:
-        state = self._states.get(url)
-        if state is not None:
-            state.scraping = scraping
-
     async def wait_idle(self, url: str, timeout_s: float) -> bool:
         """Wait until no request (this router's or, through shared state, another replica's) is
         in flight at ``url``, for at most ``timeout_s``; True if it is idle now."""

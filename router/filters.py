@@ -64,25 +64,6 @@ class LoraFilter:
         return [c for c in candidates if lora in c.loaded_adapters]
 
 
-class NotBeingScrapedFilter:
-    """Drops endpoints whose ``/metrics`` the router is reading right now, unless that drops all.
-
-    An engine renders its metrics on the same event loop that serves requests (vLLM's Prometheus
-    render is synchronous, about 5 ms for the simulator's ~50 kB exposition), so a request sent
-    while the router's own scrape is rendering waits for it. The router caused that stall and
-    knows when it happens, so load-only strategies route around it. Strategies with an affinity
-    scorer do not use this filter: a cache hit is worth far more than a few milliseconds.
-    """
-
-    name = "not-being-scraped"
-
-    def filter(
-        self, request: RoutingRequest, candidates: Sequence[EndpointState]
-    ) -> list[EndpointState]:
-        kept = [c for c in candidates if not c.scraping]
-        return kept if kept else list(candidates)
-
-
 class NotSaturatedFilter:
     """Drops endpoints whose engine queue is longer than ``max_waiting``, whose KV cache is fuller
     than ``max_kv_cache_usage``, or whose metrics are stale (unknown load counts as saturated).

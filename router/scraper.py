@@ -267,11 +267,7 @@ class ScraperPool:
         return body
 
     async def scrape_once(self, endpoint: Endpoint, model: str | None) -> EngineMetrics:
-        self._store.set_scraping(endpoint.url, True)
-        try:
-            body = await self._get_ok(endpoint, "/metrics")
-        finally:
-            self._store.set_scraping(endpoint.url, False)
+        body = await self._get_ok(endpoint, "/metrics")
         result = parse_engine_metrics(body.decode("utf-8", "replace"), model)
         self._store.update_metrics(endpoint.url, result.metrics, result.block_size)
         return result.metrics

@@ -12,10 +12,6 @@ saturated endpoints (not-saturated). Scorers with their default weights, and the
 - ``kv-aware``: precise-kv 2, queue-depth 1, kv-cache-usage 0.5, lora-affinity 0.5; max-score.
 - ``session``: session-affinity 2, queue-depth 1, lora-affinity 0.5; max-score.
 
-Presets without an affinity scorer (all but ``prefix``, ``kv-aware`` and ``session``) also skip
-an endpoint while the router reads its ``/metrics`` (not-being-scraped; off with the config key
-``avoid_scraped_endpoints: false``).
-
 `random` and `round-robin` are deliberately plain (they are the baselines benchmarks compare
 against). The affinity weight of 2 against queue-depth 1 means a full prefix hit beats any load
 difference, a partial one (under half the prompt) does not; the load bound in the affinity scorers
@@ -35,13 +31,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from types import MappingProxyType
 
-from shoal.router.filters import (
-    HealthyFilter,
-    LoraFilter,
-    ModelFilter,
-    NotBeingScrapedFilter,
-    NotSaturatedFilter,
-)
+from shoal.router.filters import HealthyFilter, LoraFilter, ModelFilter, NotSaturatedFilter
 from shoal.router.kv_index import KvEventIndex
 from shoal.router.pickers import MaxScorePicker, PowerOfTwoPicker, RandomPicker, RoundRobinPicker
 from shoal.router.pipeline import DecisionObserver, FallbackRecorder, RoutingPipeline
@@ -60,10 +50,6 @@ from shoal.router.scorers import (
     SessionTable,
 )
 from shoal.router.types import Filter, Picker, Scorer
-
-# Scorers that keep a request where its cache or session is: pipelines with one of them do not
-# route around an engine being scraped (NotBeingScrapedFilter), since a miss costs more.
-AFFINITY_SCORERS = frozenset({"approx-prefix", "precise-kv", "session-affinity"})
 
 SCORER_NAMES: tuple[str, ...] = (
     "queue-depth",
@@ -147,7 +133,6 @@ def build_pipeline(
     load_factor: float = DEFAULT_LOAD_FACTOR,
     load_slack: float = DEFAULT_LOAD_SLACK,
     max_waiting: float = 32.0,
-    avoid_scraping: bool = True,
 ) -> RoutingPipeline:
     """The pipeline for ``strategy`` with optional weight overrides.
 
@@ -168,8 +153,7 @@ def build_pipeline(
 
     observers: list[DecisionObserver] = []
     scorers: list[tuple[Scorer, float]] = []
-    merged = merged_weights(strategy, weights)
-    for name, weight in merged.items():
+    for name, weight in merged_weights(strategy, weights).items():
         scorer: Scorer
         if name == "queue-depth":
             scorer = QueueDepthScorer()
@@ -202,8 +186,6 @@ def build_pipeline(
     filters: list[Filter] = [HealthyFilter(clock), ModelFilter(), LoraFilter()]
     if preset.load_aware:
         filters.append(NotSaturatedFilter(max_waiting=max_waiting))
-    if avoid_scraping and not AFFINITY_SCORERS & merged.keys():
-        filters.append(NotBeingScrapedFilter())
     picker: Picker
     if preset.picker == "random":
         picker = RandomPicker(rng)
@@ -249,7 +231,6 @@ class PipelineSet:
         load_factor: float = DEFAULT_LOAD_FACTOR,
         load_slack: float = DEFAULT_LOAD_SLACK,
         max_waiting: float = 32.0,
-        avoid_scraping: bool = True,
     ) -> None:
         self.default = default
         self.per_model = dict(per_model or {})
@@ -265,7 +246,6 @@ class PipelineSet:
             load_factor=load_factor,
             load_slack=load_slack,
             max_waiting=max_waiting,
-            avoid_scraping=avoid_scraping,
         )
         self._cache: dict[tuple[str | None, str], RoutingPipeline] = {}
         for model, routing in [(None, default), *self.per_model.items()]:

@@ -59,9 +59,6 @@ class EndpointState:
     loaded_adapters: frozenset[str] = frozenset()
     # Ejected after repeated failures until this monotonic time; probed back afterwards.
     ejected_until: float = 0.0
-    # The router is reading this engine's /metrics right now. The engine renders it on its API
-    # loop (milliseconds), so a request sent meanwhile waits for the render.
-    scraping: bool = False
 
     @property
     def url(self) -> str:

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from shoal.router.filters import (
-    HealthyFilter,
-    LoraFilter,
-    ModelFilter,
-    NotBeingScrapedFilter,
-    NotSaturatedFilter,
-)
+from shoal.router.filters import HealthyFilter, LoraFilter, ModelFilter, NotSaturatedFilter
 from shoal.router.types import Endpoint, EndpointState, EngineMetrics, RoutingRequest
 
 
@@ -92,15 +86,4 @@ def test_not_saturated_filter_passes_all_through_when_all_saturated() -> None:
     cands = [state("a", waiting=9), state("b", stale=True)]
     assert urls(f.filter(request(), cands)) == ["a", "b"]
     assert f.all_saturated == 1
-    assert f.filter(request(), []) == []
-
-
-def test_not_being_scraped_skips_an_engine_rendering_metrics_unless_it_is_the_only_one() -> None:
-    states = [state("http://a"), state("http://b"), state("http://c")]
-    states[1].scraping = True
-    f = NotBeingScrapedFilter()
-    assert urls(f.filter(request(), states)) == ["http://a", "http://c"]
-    for s in states:
-        s.scraping = True
-    assert urls(f.filter(request(), states)) == ["http://a", "http://b", "http://c"]
     assert f.filter(request(), []) == []

@@ -130,34 +130,3 @@ def test_the_scraper_holds_a_due_scrape_until_the_request_in_flight_ends(share: 
         assert 0.05 <= first_scrape_after < 0.1  # right after the request ended
     else:
         assert first_scrape_after < 0.05  # at once, request in flight or not
-
-
-def test_an_endpoint_is_marked_as_scraped_only_while_its_metrics_are_read() -> None:
-    async def go() -> list[bool]:
-        store = _store()
-        seen: list[bool] = []
-
-        class _Watching(_RecordingUpstream):
-            async def get(self, base_url: str, path: str, timeout_s: float) -> tuple[int, bytes]:
-                state = store.get(URL)
-                assert state is not None
-                seen.append(state.scraping if path == "/metrics" else not state.scraping)
-                return await super().get(base_url, path, timeout_s)
-
-        upstream = _Watching()
-        pool = ScraperPool(
-            upstream,
-            store,
-            cadence=ScrapeCadence(0.2, 0.2),
-            discover_kv_sources=False,
-            idle_wait_share=0,
-        )
-        pool.add(Endpoint(url=URL))
-        await asyncio.wait_for(upstream.scraped.wait(), 2.0)
-        await asyncio.sleep(0)
-        await pool.close()
-        state = store.get(URL)
-        assert state is not None
-        return [*seen, not state.scraping]
-
-    assert all(asyncio.run(go()))

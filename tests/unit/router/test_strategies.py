@@ -195,24 +195,3 @@ def test_pipeline_set_per_model_and_per_request_override() -> None:
         ps.for_model("big", "nope")
     with pytest.raises(ValueError):
         PipelineSet(ModelRouting("nope"))
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_only_load_only_strategies_route_around_an_engine_being_scraped(strategy: str) -> None:
-    names = [f.name for f in build_pipeline(strategy, **all_deps()).filters]  # type: ignore[arg-type]
-    avoids = strategy not in ("prefix", "kv-aware", "session")
-    assert ("not-being-scraped" in names) is avoids
-    off = build_pipeline(strategy, avoid_scraping=False, **all_deps())  # type: ignore[arg-type]
-    assert "not-being-scraped" not in [f.name for f in off.filters]
-
-
-def test_round_robin_skips_the_engine_being_scraped() -> None:
-    rr = build_pipeline("round-robin")
-    states = fleet()
-    states[1].scraping = True
-    seq = []
-    for _ in range(6):
-        d = rr.decide(request([1] * 16), states)
-        assert d is not None
-        seq.append(d.endpoint.url)
-    assert URLS[1] not in seq and set(seq) == {URLS[0], URLS[2], URLS[3]}

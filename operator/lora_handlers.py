@@ -234,16 +234,18 @@ def adapter_status(
         else:
             phase = "Loading" if loaded else "Pending"
             ready = ("False", "Loading", f"loaded on {loaded}/{desired} pods{held}")
-        if unplaced:
+        # A failed load comes first: it is why such an adapter may also lack room (it does not
+        # move healthy adapters to make some, see AdapterDemand.displace).
+        if pod_errors:
+            first = sorted(pod_errors.items())[0]
+            degraded = ("True", "LoadFailed", f"{first[0]}: {first[1]}")
+        elif unplaced:
             degraded = (
                 "True",
                 "InsufficientCapacity",
                 f"{unplaced} replica(s) find no room: every pod holds lora.maxLoras adapters; "
                 "raise maxLoras, add replicas, or lower this adapter's replicas",
             )
-        elif pod_errors:
-            first = sorted(pod_errors.items())[0]
-            degraded = ("True", "LoadFailed", f"{first[0]}: {first[1]}")
         else:
             degraded = ("False", "AsExpected", "")
     time_of = {e.get("pod"): e.get("time") for e in previous.get("podErrors") or []}
@@ -440,6 +442,8 @@ async def reconcile_model_adapters(
             if obj["spec"].get("replicas", 1) == "all"
             else int(obj["spec"].get("replicas", 1)),
             levels.get(name, 0.0),
+            # a load that failed last round (podErrors) must not move healthy adapters for it
+            displace=not (obj.get("status") or {}).get("podErrors"),
         )
         for name, obj in sorted(live.items())
         if name in paths

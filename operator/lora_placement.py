@@ -19,7 +19,8 @@ How:
 3. *Fill*: replicas still missing may use any room up to the hard capacity. When the only room
    left is on pods that already hold the adapter (pods that joined one by one, the first ones
    full), *swap*: move another adapter from a full pod to a pod with room, and take its place.
-   So a replica stays unplaced only when the fleet's capacity is really short.
+   So a replica stays unplaced only when the fleet's capacity is really short (or the adapter
+   may not displace others: its last load failed).
 4. *Hot extras*: adapters whose request rate exceeds ``rate_per_replica`` × replicas get more
    replicas, hottest first, from the room left (never displacing a base replica). Extras already
    loaded are kept while the adapter stays hot, so they do not hop between pods.
@@ -48,11 +49,17 @@ DEFAULT_LOAD_FACTOR = 1.25
 
 @dataclass(frozen=True)
 class AdapterDemand:
-    """One adapter's wish: ``replicas`` pods (None: every ready pod), and its request rate."""
+    """One adapter's wish: ``replicas`` pods (None: every ready pod), and its request rate.
+
+    ``displace``: whether the adapter may move another one to make room (a swap). The operator
+    sets it False for an adapter whose last load an engine refused or never answered, so a load
+    that keeps failing does not move healthy adapters round after round.
+    """
 
     name: str
     replicas: int | None = 1
     request_rate: float = 0.0
+    displace: bool = True
 
 
 @dataclass(frozen=True)
@@ -243,7 +250,7 @@ def place(
     #     pod, which frees the full pod for this one: one unload and two loads instead of a
     #     replica that stays unplaced for good.
     for adapter in order:
-        while missing(adapter) > 0 and swap(adapter):
+        while demands[adapter].displace and missing(adapter) > 0 and swap(adapter):
             pass
     # 4. hot extras, hottest first, from what room is left
     for adapter in sorted(demands, key=lambda a: (-demands[a].request_rate, a)):

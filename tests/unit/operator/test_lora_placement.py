@@ -186,3 +186,18 @@ def test_from_any_loaded_state_replicas_are_met_whenever_they_fit(
         assert p.unplaced == {}, (p.unplaced, p.by_pod())
     for a in adapters:
         assert len(p.pods_of(a.name)) + p.unplaced.get(a.name, 0) == a.replicas
+
+
+def test_an_adapter_whose_load_fails_does_not_move_healthy_ones() -> None:
+    """An adapter the engines refuse is placed every round and never loads; if it could swap,
+    it would move a healthy adapter between pods every round."""
+    healthy = _adapters([2] * 18)
+    before = place(healthy, _pods(3, 12))  # three full pods; a fourth, empty, joins
+    fleet = _pods(4, 12, before)
+    after = place([*healthy, AdapterDemand("refused", 2, displace=False)], fleet)
+    assert _pairs(before) <= _pairs(after)  # nothing healthy moved
+    assert after.pods_of("refused") == ("pod-3",)
+    assert after.unplaced == {"refused": 1}
+    swapping = place([*healthy, AdapterDemand("refused", 2)], fleet)
+    assert swapping.unplaced == {}  # with a swap it fits, which moves a healthy adapter
+    assert not _pairs(before) <= _pairs(swapping)

@@ -59,6 +59,17 @@ def test_raw_stream_is_passed_through_with_endpoint_header(
         events = [line for line in resp.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     assert len(events) == 6 + 1
+    assert "content-length" not in resp.headers  # a stream is chunked as it comes
+
+
+def test_a_non_streamed_body_keeps_the_engines_length(router: Router) -> None:
+    """Passed through with its content-length, not re-chunked (one socket write fewer)."""
+    body = {"model": "tiny", "prompt": "one two three", "max_tokens": 6}
+    resp = httpx.post(router.url + "/v1/completions", json=body, timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-length"] == str(len(resp.content))
+    assert "transfer-encoding" not in resp.headers
+    assert resp.json()["usage"]["completion_tokens"] == 6
 
 
 def test_adapter_requests_go_to_the_engine_that_has_it(router: Router, engines: list[Sim]) -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
+import pytest
 
 from shoal.router.metrics import sample_value
 
@@ -91,3 +96,74 @@ def test_full_queue_sheds_sheddable_first(spawn: Any) -> None:
     text = r.metrics()
     assert sample_value(text, "shoal_router_rejections_total", {"reason": "shed"}) == 1
     assert sample_value(text, "shoal_router_queue_depth", {"model": "tiny"}) == 0
+
+
+class _TruncatingEngine(BaseHTTPRequestHandler):
+    """Answers the router's scrapes like an idle engine. A completion gets a declared length of
+    100 bytes of which it sends 12, a streamed one a first event; then the connection closes."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path == "/v1/models":
+            card = b'{"id": "tiny", "object": "model", "root": "tiny", "parent": null}'
+            self._send(200, b'{"object": "list", "data": [' + card + b"]}", "application/json")
+        elif self.path == "/metrics":
+            self._send(200, b'vllm:num_requests_running{model_name="tiny"} 0.0\n', "text/plain")
+        else:
+            self._send(404, b"{}", "application/json")
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        if json.loads(body).get("stream"):
+            event = b'data: {"choices": [{"text": " w1"}]}\n\n'
+            self.wfile.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n" + b"%x\r\n" % len(event) + event + b"\r\n"
+            )
+        else:
+            self.wfile.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b'content-length: 100\r\n\r\n{"id": "cmpl'
+            )
+        self.wfile.flush()
+        self.close_connection = True
+
+
+@pytest.fixture()
+def truncating_engine() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _TruncatingEngine)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_engine_failing_mid_body_gives_the_client_an_incomplete_response(
+    spawn: Any, truncating_engine: str
+) -> None:
+    """A body or stream cut short must not look complete (a 200 with half a JSON, or a stream
+    without [DONE]): the router closes the client's connection, and keeps serving."""
+    r = spawn.router([truncating_engine], "--strategy", "round-robin")
+    for stream in (False, True):
+        body = {"model": "tiny", "prompt": "x", "stream": stream}
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.post(r.url + "/v1/completions", json=body, timeout=30)
+    assert httpx.get(r.url + "/health", timeout=5).status_code == 200
+    deadline = time.monotonic() + 10
+    while "failed mid-response" not in r.tail():
+        assert time.monotonic() < deadline, r.tail()
+        time.sleep(0.1)

@@ -846,7 +846,6 @@ class PassthroughResponse(Response):
         # the chunk framing, one socket write per response (within noise of the router's CPU
         # per request side by side: median 0.53 ms both ways).
         length = None if self._streaming else header(upstream, b"content-length")
-        self._length_declared = length is not None
         if length is not None:
             self.raw_headers.append((b"content-length", length))
         self.raw_headers.append((ENDPOINT_HEADER.encode(), endpoint_url.encode()))

@@ -4,31 +4,21 @@ CPU per request) and the rules it judges a rate by, on results made up for the p
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
-import sys
 import time
-from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_scripts import load_bench_script
 
 from shoal.bench.peers import RouterUnderTest
 from shoal.bench.report import Summary
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "router_overhead.py"
-
 
 @pytest.fixture(scope="module")
 def overhead() -> ModuleType:
-    # bench/ holds scripts, not a package: load the script by path.
-    spec = importlib.util.spec_from_file_location("shoal_bench_router_overhead", _PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while decorating
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("router_overhead")
 
 
 def summary(p50: float, p99: float, *, ok: int = 100, rate: float = 200.0) -> Summary:

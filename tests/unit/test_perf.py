@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
+from bench_scripts import load_bench_script
 
 from shoal.sim.catalog import GPUS, MODELS, get_gpu, get_model
 from shoal.sim.perf import BatchShape, PerfModel
 
-_CALIBRATE_PATH = Path(__file__).resolve().parents[2] / "bench" / "calibrate.py"
-
-
-def _load_calibrate() -> ModuleType:
-    # bench/ holds scripts, not a package: load the calibration script by path.
-    spec = importlib.util.spec_from_file_location("shoal_bench_calibrate", _CALIBRATE_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while decorating
-    spec.loader.exec_module(module)
-    return module
-
-
-calibrate = _load_calibrate()
+calibrate = load_bench_script("calibrate")
 
 
 # --- calibration --------------------------------------------------------------------------------

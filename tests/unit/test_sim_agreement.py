@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from bench_scripts import load_bench_script
 
 from shoal.bench.client import request_body
 from shoal.sim.cluster import ClusterSimulator, EngineSpec, round_robin
@@ -16,20 +14,7 @@ from shoal.sim.engine import EngineCore
 from shoal.sim.tokenizer import SimTokenizer
 from shoal.sim.types import EngineRequest
 
-_AGREEMENT_PATH = Path(__file__).resolve().parents[2] / "bench" / "sim_agreement.py"
-
-
-def _load_agreement() -> ModuleType:
-    # bench/ holds scripts, not a package: load the script by path.
-    spec = importlib.util.spec_from_file_location("shoal_bench_sim_agreement", _AGREEMENT_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while decorating
-    spec.loader.exec_module(module)
-    return module
-
-
-agreement = _load_agreement()
+agreement = load_bench_script("sim_agreement")
 
 
 class RecordingCore(EngineCore):

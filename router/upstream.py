@@ -73,7 +73,16 @@ def header(response: UpstreamResponse, name: bytes) -> bytes | None:
 
 
 class _Connection:
-    """One keep-alive HTTP/1.1 connection and the response being read on it."""
+    """One keep-alive HTTP/1.1 connection and the response being read on it.
+
+    The read timeout (a read that waits ``read_timeout_s`` for the engine) is one timer per
+    exchange rather than an ``asyncio.timeout`` around every read: that context costs a Timeout
+    object, a timer and, on Python 3.11, two ``getpid()`` system calls per read. When the timer
+    fires it looks at the read in progress: one that has waited the whole timeout aborts the
+    connection, which ends it; otherwise the timer re-arms for when the current (or next) read
+    would have waited that long. Time between reads (the router sending to a slow client) does
+    not count, as it did not with a timeout around each read.
+    """
 
     __slots__ = (
         "chunks",
@@ -81,15 +90,22 @@ class _Connection:
         "got_bytes",
         "headers",
         "headers_done",
+        "idle_timer",
         "keep_alive",
+        "loop",
         "parser",
+        "read_started_at",
+        "read_timeout_s",
         "reader",
+        "reading",
+        "timed_out",
         "writer",
     )
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpResponseParser(self)
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: list[bytes] = []
@@ -97,6 +113,11 @@ class _Connection:
         self.keep_alive = False
         self.complete = False
         self.got_bytes = False
+        self.read_timeout_s: float | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.read_started_at = 0.0
+        self.reading = False
+        self.timed_out = False
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -114,6 +135,7 @@ class _Connection:
         self.complete = True
 
     def reset(self) -> None:
+        self.stop_read_timer()
         self.parser = httptools.HttpResponseParser(self)
         self.headers = []
         self.chunks = []
@@ -122,15 +144,47 @@ class _Connection:
         self.complete = False
         self.got_bytes = False
 
-    async def feed_once(self, read_timeout_s: float | None) -> None:
+    # the read timeout
+    def start_read_timer(self, read_timeout_s: float | None) -> None:
+        self.stop_read_timer()
+        self.read_timeout_s = read_timeout_s
+        self.timed_out = False
+        if read_timeout_s is None:
+            return
+        self.idle_timer = self.loop.call_at(self.loop.time() + read_timeout_s, self._check_idle)
+
+    def stop_read_timer(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    def _check_idle(self) -> None:
+        assert self.read_timeout_s is not None
+        now = self.loop.time()
+        # The earliest a read could time out: this one's start + the timeout, or a read that
+        # starts from now on.
+        due = (self.read_started_at if self.reading else now) + self.read_timeout_s
+        if now < due:
+            self.idle_timer = self.loop.call_at(due, self._check_idle)
+            return
+        self.idle_timer = None
+        self.timed_out = True
+        self.writer.transport.abort()  # the pending read ends, and feed_once says why
+
+    async def feed_once(self) -> None:
         """Read what the socket has and parse it; EOF before the end is an ``UpstreamError``."""
+        self.read_started_at = self.loop.time()
+        self.reading = True
         try:
-            async with asyncio.timeout(read_timeout_s):
-                data = await self.reader.read(65536)
-        except TimeoutError as exc:
-            raise UpstreamError(f"no data from the engine for {read_timeout_s}s") from exc
+            data = await self.reader.read(65536)
         except OSError as exc:
+            if self.timed_out:
+                raise UpstreamError(f"no data from the engine for {self.read_timeout_s}s") from exc
             raise UpstreamError(f"connection failed: {exc!r}") from exc
+        finally:
+            self.reading = False
+        if self.timed_out:
+            raise UpstreamError(f"no data from the engine for {self.read_timeout_s}s")
         if not data:
             if not self.got_bytes:
                 raise _StaleConnection("the engine closed the connection before answering")
@@ -150,22 +204,16 @@ class _Connection:
             raise UpstreamError(f"malformed response from the engine: {exc}") from exc
 
     def close(self) -> None:
+        self.stop_read_timer()
         with contextlib.suppress(Exception):
             self.writer.close()
 
 
 class _PooledResponse:
-    def __init__(
-        self,
-        pool: PooledUpstream,
-        key: tuple[str, int],
-        conn: _Connection,
-        read_timeout_s: float | None,
-    ) -> None:
+    def __init__(self, pool: PooledUpstream, key: tuple[str, int], conn: _Connection) -> None:
         self._pool = pool
         self._key = key
         self._conn = conn
-        self._read_timeout_s = read_timeout_s
         self.status_code: int = conn.parser.get_status_code()
         self.headers = conn.headers
         self._released = False
@@ -180,7 +228,7 @@ class _PooledResponse:
             if conn.complete:
                 self._release(reusable=conn.keep_alive)
                 return
-            await conn.feed_once(self._read_timeout_s)
+            await conn.feed_once()
 
     async def aclose(self) -> None:
         # A response not read to its end leaves the connection mid-message: close it (which
@@ -191,6 +239,7 @@ class _PooledResponse:
         if self._released:
             return
         self._released = True
+        self._conn.stop_read_timer()
         if reusable and self._conn.complete:
             self._pool._put_idle(self._key, self._conn)
         else:
@@ -276,11 +325,12 @@ class PooledUpstream:
         self, key: tuple[str, int], conn: _Connection, request: bytes, reused: bool = False
     ) -> UpstreamResponse:
         try:
+            conn.start_read_timer(self._read_timeout_s)
             conn.writer.write(request)
             if len(request) > 65536:
                 await conn.writer.drain()
             while not conn.headers_done:
-                await conn.feed_once(self._read_timeout_s)
+                await conn.feed_once()
         except OSError as exc:
             conn.close()
             if reused:
@@ -296,7 +346,7 @@ class PooledUpstream:
         except BaseException:
             conn.close()
             raise
-        return _PooledResponse(self, key, conn, self._read_timeout_s)
+        return _PooledResponse(self, key, conn)
 
     async def aclose(self) -> None:
         self._closed = True

@@ -188,3 +188,102 @@ def test_get_reads_whole_body_reuses_connection_and_times_out() -> None:
         await pool.aclose()
 
     asyncio.run(run())
+
+
+async def _trickle(writer: asyncio.StreamWriter, pieces: int, gap_s: float) -> None:
+    """A chunked response whose chunks come ``gap_s`` apart."""
+    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    for _ in range(pieces):
+        await asyncio.sleep(gap_s)
+        writer.write(b"2\r\nab\r\n")
+        await writer.drain()
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+
+
+def test_a_read_waiting_longer_than_the_read_timeout_fails_and_a_slow_stream_does_not() -> None:
+    """The read timeout bounds each wait for the engine, not the whole response: a stream whose
+    chunks come 0.1 s apart for 0.6 s passes a 0.3 s timeout, an engine that goes quiet after
+    its headers does not, and the error says which wait it was."""
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await _read_request(reader)
+        if b"/stall" in request:
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n")
+            await writer.drain()
+            await asyncio.sleep(5)
+        else:
+            await _trickle(writer, pieces=6, gap_s=0.1)
+        writer.close()
+
+    async def run() -> None:
+        server, url = await _serve(respond)
+        pool = PooledUpstream(read_timeout_s=0.3)
+        loop = asyncio.get_running_loop()
+        try:
+            resp = await pool.post(url, "/slow", b"{}", {})
+            assert b"".join([c async for c in resp.aiter_raw()]) == b"ab" * 6
+            resp = await pool.post(url, "/stall", b"{}", {})
+            started = loop.time()
+            got = []
+            with pytest.raises(UpstreamError, match=r"no data from the engine for 0.3s"):
+                async for chunk in resp.aiter_raw():
+                    got.append(chunk)
+            assert got == [b"ab"]
+            assert 0.25 < loop.time() - started < 2.0
+        finally:
+            await pool.aclose()
+            server.close()
+
+    asyncio.run(run())
+
+
+def test_time_between_reads_does_not_count_against_the_read_timeout() -> None:
+    """The router may wait on a slow client between two reads of the engine's response; the
+    engine's bytes are already there, so that wait is no engine timeout."""
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        await _trickle(writer, pieces=2, gap_s=0.05)
+        writer.close()
+
+    async def run() -> None:
+        server, url = await _serve(respond)
+        pool = PooledUpstream(read_timeout_s=0.2)
+        try:
+            resp = await pool.post(url, "/x", b"{}", {})
+            got = []
+            async for chunk in resp.aiter_raw():
+                got.append(chunk)
+                await asyncio.sleep(0.5)  # a client slower than the timeout
+            assert b"".join(got) == b"abab"
+        finally:
+            await pool.aclose()
+            server.close()
+
+    asyncio.run(run())
+
+
+def test_no_read_timeout_timer_outlives_its_exchange() -> None:
+    """A pooled connection between requests has no timer that could abort it later."""
+    engine = _KeepAliveServer(lambda request: _const(_ok(b"{}")))
+
+    async def run() -> None:
+        server, url = await _serve(engine.handler)
+        pool = PooledUpstream(read_timeout_s=0.2)
+        try:
+            resp = await pool.post(url, "/x", b"{}", {})
+            assert b"".join([c async for c in resp.aiter_raw()]) == b"{}"
+            await asyncio.sleep(0.5)  # past the timeout while idle in the pool
+            resp = await pool.post(url, "/x", b"{}", {})
+            assert b"".join([c async for c in resp.aiter_raw()]) == b"{}"
+            assert engine.connections == 1  # the idle connection was not aborted
+        finally:
+            await pool.aclose()
+            server.close()
+
+    asyncio.run(run())
+
+
+async def _const(value: bytes) -> bytes:
+    return value

@@ -178,6 +178,33 @@ class ParsedBody:
     prompt_tokens: int  # estimated for prompts beyond MAX_TOKENIZED_CHARS
 
 
+# The request headers the gateway reads (ASGI servers give names in lower case).
+_READ_HEADERS = frozenset(
+    name.encode()
+    for name in (
+        "content-length",
+        "authorization",
+        "accept",
+        "x-request-id",
+        PRIORITY_HEADER,
+        TENANT_HEADER,
+        STRATEGY_HEADER,
+        SESSION_HEADER,
+    )
+)
+
+
+def read_headers(raw: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The headers the gateway reads, picked out in one pass (the first of repeated ones, as
+    Starlette's ``Headers.get``); looking each up in a Starlette ``Headers`` scans the whole
+    list every time, eight times per request."""
+    found: dict[str, str] = {}
+    for name, value in raw:
+        if name in _READ_HEADERS:
+            found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return found
+
+
 def _bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, "invalid_request_error", param=param)
 
@@ -407,8 +434,8 @@ class Gateway:
             f"'model' is required: this router serves {len(bases)} models ({shown})", "model"
         )
 
-    def _identify(self, request: Request) -> Identity:
-        header_priority = request.headers.get(PRIORITY_HEADER)
+    def _identify(self, headers: Mapping[str, str]) -> Identity:
+        header_priority = headers.get(PRIORITY_HEADER)
         asked: Priority | None = None
         if header_priority:
             try:
@@ -417,9 +444,9 @@ class Gateway:
                 raise _bad(str(exc), PRIORITY_HEADER) from None
         keys = self.api_keys
         if keys.open:
-            tenant = request.headers.get(TENANT_HEADER) or "default"
+            tenant = headers.get(TENANT_HEADER) or "default"
             return Identity(tenant[:MAX_SESSION_ID], asked or Priority.STANDARD, False)
-        auth = request.headers.get("authorization", "")
+        auth = headers.get("authorization", "")
         key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         grant = keys.lookup(key)
         if grant is None:
@@ -430,9 +457,9 @@ class Gateway:
         priority = grant.priority if asked is None else max(asked, grant.priority)
         return Identity(grant.tenant, priority, True)
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, request: Request, headers: Mapping[str, str]) -> bytes:
         limit = self.config.max_body_bytes
-        declared = request.headers.get("content-length")
+        declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"request body exceeds {limit} bytes", "invalid_request_error")
         chunks: list[bytes] = []
@@ -506,17 +533,18 @@ class Gateway:
         self.metrics.hold_outcomes.labels(base, "served").inc()
         return resolved
 
-    def _upstream_headers(self, request: Request, identity: Identity) -> dict[str, str]:
-        headers = {"content-type": "application/json"}
+    @staticmethod
+    def _upstream_headers(headers: Mapping[str, str], identity: Identity) -> dict[str, str]:
+        sent = {"content-type": "application/json"}
         for name in ("accept", "x-request-id"):
-            value = request.headers.get(name)
+            value = headers.get(name)
             if value is not None:
-                headers[name] = value
+                sent[name] = value
         if not identity.authenticated:
-            auth = request.headers.get("authorization")
+            auth = headers.get("authorization")
             if auth is not None:
-                headers["authorization"] = auth  # the engines' own key, if they have one
-        return headers
+                sent["authorization"] = auth  # the engines' own key, if they have one
+        return sent
 
     def _record_prefix_estimate(
         self, rreq: RoutingRequest, strategy: str, matched: Mapping[str, int], url: str
@@ -545,24 +573,24 @@ class Gateway:
 
     async def _handle(self, request: Request, kind: str, path: str) -> Response:
         started = self._clock()
+        headers = read_headers(request.scope["headers"])
         try:
-            identity = self._identify(request)
+            identity = self._identify(headers)
             try:
-                raw = await self._read_body(request)
+                raw = await self._read_body(request, headers)
             except ClientDisconnect:
                 return Response(status_code=499)
         except ApiError as err:
             return err.response()
-        this = asyncio.current_task()
-        watch = DisconnectWatch(request.receive)
-        watch.guard(this)
+        watch = DisconnectWatch(request.receive, asyncio.current_task())
+        watch.guard(True)
         response: Response | None = None
         try:
-            response = await self._route(request, raw, kind, path, identity, started, watch)
+            response = await self._route(headers, raw, kind, path, identity, started, watch)
         except ApiError as err:
             response = err.response()
         except asyncio.CancelledError:
-            if not watch.absorb_cancellation(this):
+            if not watch.absorb_cancellation():
                 raise  # the server is shutting down, not the client leaving
             # Ours: the client left before the engine answered.
             self.metrics.count_request(watch.model, watch.endpoint, "499")
@@ -574,7 +602,7 @@ class Gateway:
 
     async def _route(
         self,
-        request: Request,
+        headers: Mapping[str, str],
         raw: bytes,
         kind: str,
         path: str,
@@ -584,7 +612,7 @@ class Gateway:
     ) -> Response:
         """Parse, admit and dispatch one request whose body has been read."""
         parsed = parse_body(raw, kind, self._tokenizer_for, self._default_model)
-        strategy = request.headers.get(STRATEGY_HEADER) or None
+        strategy = headers.get(STRATEGY_HEADER) or None
         if strategy is not None:
             try:
                 check_strategy(strategy)
@@ -595,7 +623,7 @@ class Gateway:
             resolved = await self._resolve_declared(parsed.model)
         base, lora = resolved
         watch.model = base
-        session = request.headers.get(SESSION_HEADER) or parsed.user
+        session = headers.get(SESSION_HEADER) or parsed.user
         expected = (
             parsed.max_tokens
             if parsed.max_tokens is not None
@@ -633,14 +661,14 @@ class Gateway:
         self.metrics.queue_wait.labels(base).observe(ticket.queued_s)
         try:
             return await self._dispatch(
-                request, raw, path, rreq, parsed, identity, started, ticket.dispatched, watch
+                headers, raw, path, rreq, parsed, identity, started, ticket.dispatched, watch
             )
         finally:
             ticket.dispatched()  # no-op when _dispatch already handed off
 
     async def _dispatch(
         self,
-        request: Request,
+        request_headers: Mapping[str, str],
         raw: bytes,
         path: str,
         rreq: RoutingRequest,
@@ -652,7 +680,7 @@ class Gateway:
     ) -> Response:
         base = rreq.base_model
         pipeline = self.pipelines.for_model(base, rreq.strategy)
-        headers = self._upstream_headers(request, identity)
+        headers = self._upstream_headers(request_headers, identity)
         cost = parsed.prompt_tokens + rreq.expected_output_tokens
         excluded: set[str] = set()
         last_failure: str | None = None
@@ -766,44 +794,49 @@ class DisconnectWatch:
 
     One ``receive()`` loop serves the request's whole life (the body reader owns ``receive``
     before it). Servers also report a disconnect after a complete response, so the task is
-    cancelled only while it is guarded.
+    cancelled only while it is guarded. ``task`` is the request's task, which serves the
+    request from its body to its last byte (the response is sent from it too).
     """
 
-    def __init__(self, receive: Receive) -> None:
-        self._guarded: asyncio.Task[Any] | None = None
+    def __init__(self, receive: Receive, task: asyncio.Task[Any] | None) -> None:
+        self.task = task
+        self._guarded = False
         self.cancelled_request = False  # True once the client left mid-request
         # Where the request had got to, for counting a disconnect before the engine answered.
         self.model = ""
         self.endpoint = ""
-        self._task = asyncio.get_running_loop().create_task(self._watch(receive))
+        # Through the task's loop: asyncio.get_running_loop() costs a getpid() system call per
+        # call on Python 3.11, which the request path otherwise pays several times.
+        loop = task.get_loop() if task is not None else asyncio.get_running_loop()
+        self._watcher = loop.create_task(self._watch(receive))
 
-    def guard(self, task: asyncio.Task[Any] | None) -> None:
-        """Cancel ``task`` on disconnect (None: the response is complete, cancel nothing)."""
-        self._guarded = task
+    def guard(self, on: bool) -> None:
+        """Cancel the request's task on disconnect (False: the response is complete)."""
+        self._guarded = on and self.task is not None
 
     async def _watch(self, receive: Receive) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                if self._guarded is not None:
+                if self._guarded and self.task is not None:
                     self.cancelled_request = True
-                    self._guarded.cancel()
+                    self.task.cancel()
                 return
 
-    def absorb_cancellation(self, task: asyncio.Task[Any] | None) -> bool:
-        """After ``task`` caught a CancelledError: True, with the cancellation taken back, if
-        this watch caused it (the client left); False if it came from elsewhere (shutdown), and
-        the caller must re-raise it."""
-        if not self.cancelled_request or task is None:
+    def absorb_cancellation(self) -> bool:
+        """After the request's task caught a CancelledError: True, with the cancellation taken
+        back, if this watch caused it (the client left); False if it came from elsewhere
+        (shutdown), and the caller must re-raise it."""
+        if not self.cancelled_request or self.task is None:
             return False
-        task.uncancel()
+        self.task.uncancel()
         return True
 
     async def close(self) -> None:
-        self._guarded = None
-        self._task.cancel()
+        self._guarded = False
+        self._watcher.cancel()
         with contextlib.suppress(BaseException):
-            await self._task
+            await self._watcher
 
 
 @dataclass(slots=True)
@@ -852,14 +885,13 @@ class PassthroughResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         outcome = StreamOutcome(status=self.status_code)
-        # The body is pumped in this task (no task of its own: two fewer event-loop hops per
-        # request), which the watch cancels if the client leaves mid-response.
-        this = asyncio.current_task()
-        self._watch.guard(this)
+        # The body is pumped in the request's task (no task of its own: two fewer event-loop
+        # hops per request), which the watch cancels if the client leaves mid-response.
+        self._watch.guard(True)
         try:
             await self._pump(send, outcome)
         except asyncio.CancelledError:
-            if not self._watch.absorb_cancellation(this):
+            if not self._watch.absorb_cancellation():
                 raise  # the server is shutting down, not the client leaving
             # Ours: go on to clean up.
             outcome.client_disconnected = True
@@ -904,5 +936,5 @@ class PassthroughResponse(Response):
             outcome.output_tokens = int(usage[-1])
         elif self._streaming and events:
             outcome.output_tokens = max(0, events - 1)  # minus the closing [DONE]
-        self._watch.guard(None)  # complete: a disconnect from here on is the normal end
+        self._watch.guard(False)  # complete: a disconnect from here on is the normal end
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -23,3 +23,16 @@ def test_held_requests_gauge_reads_the_hold_queue() -> None:
     metrics.watch_state(dict, dict, dict, lambda: None, lambda: {"llama": 3})
     text = metrics.render().decode()
     assert sample_value(text, "shoal_router_held_requests", {"model": "llama"}) == 3.0
+
+
+def test_a_series_counted_again_after_its_endpoint_left_starts_from_zero() -> None:
+    """Children are cached for speed; a removed series must not live on in the cache, or counts
+    after an endpoint comes back would go to a child the registry no longer shows."""
+    m = RouterMetrics()
+    for _ in range(3):
+        m.count_request("llama", "http://e1", "200")
+    m.forget_endpoint("http://e1")
+    m.count_request("llama", "http://e1", "200")
+    text = m.render().decode()
+    labels = {"model": "llama", "endpoint": "http://e1", "status": "200"}
+    assert sample_value(text, "shoal_router_requests_total", labels) == 1.0

@@ -101,7 +101,7 @@ def run_router(args: argparse.Namespace) -> int:
     import uvicorn
 
     from shoal.router.app import create_router_app
-    from shoal.router.server_protocol import CoalescingHttpToolsProtocol
+    from shoal.router.server_protocol import RouterHttpProtocol
 
     try:
         app = create_router_app(config)
@@ -129,7 +129,7 @@ def run_router(args: argparse.Namespace) -> int:
         log_level=config.log_level.lower(),
         access_log=False,
         loop="auto",
-        http=CoalescingHttpToolsProtocol,
+        http=RouterHttpProtocol,
         # The router reads no client address (tenants come from keys or headers), so it skips
         # uvicorn's X-Forwarded-For rewriting, one more layer around every request.
         proxy_headers=False,

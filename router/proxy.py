@@ -40,6 +40,7 @@ from shoal.router.holding import HoldFull, HoldQueue, HoldTimeout, NoLongerDecla
 from shoal.router.kv_index import KvEventIndex
 from shoal.router.metrics import CONTENT_TYPE, RouterMetrics
 from shoal.router.prefix_index import ApproxPrefixIndex
+from shoal.router.server_protocol import DISCONNECT_EXTENSION, ConnectionWatch
 from shoal.router.shared_state import SharedState
 from shoal.router.strategies import PipelineSet, check_strategy
 from shoal.router.types import EndpointState, Priority, RoutingRequest
@@ -582,7 +583,8 @@ class Gateway:
                 return Response(status_code=499)
         except ApiError as err:
             return err.response()
-        watch = DisconnectWatch(request.receive, asyncio.current_task())
+        connection = request.scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+        watch = DisconnectWatch(request.receive, asyncio.current_task(), connection)
         watch.guard(True)
         response: Response | None = None
         try:
@@ -792,35 +794,54 @@ class DisconnectWatch:
     until the response's last byte: a non-streamed request spends its whole generation waiting
     for the engine's response headers, and a client that leaves then must abort it too.
 
-    One ``receive()`` loop serves the request's whole life (the body reader owns ``receive``
-    before it). Servers also report a disconnect after a complete response, so the task is
-    cancelled only while it is guarded. ``task`` is the request's task, which serves the
-    request from its body to its last byte (the response is sent from it too).
+    Under Shoal's own server protocol the connection says when it is lost
+    (:class:`~shoal.router.server_protocol.ConnectionWatch`, in the scope's extensions). Under
+    any other ASGI server a task waits on ``receive()`` for ``http.disconnect`` (the body
+    reader owns ``receive`` before it). Servers also report a disconnect after a complete
+    response, so the task is cancelled only while it is guarded. ``task`` is the request's
+    task, which serves the request from its body to its last byte (the response is sent from it
+    too).
     """
 
-    def __init__(self, receive: Receive, task: asyncio.Task[Any] | None) -> None:
+    def __init__(
+        self,
+        receive: Receive,
+        task: asyncio.Task[Any] | None,
+        connection: ConnectionWatch | None = None,
+    ) -> None:
         self.task = task
         self._guarded = False
         self.cancelled_request = False  # True once the client left mid-request
         # Where the request had got to, for counting a disconnect before the engine answered.
         self.model = ""
         self.endpoint = ""
-        # Through the task's loop: asyncio.get_running_loop() costs a getpid() system call per
-        # call on Python 3.11, which the request path otherwise pays several times.
-        loop = task.get_loop() if task is not None else asyncio.get_running_loop()
-        self._watcher = loop.create_task(self._watch(receive))
+        self._connection = connection
+        self._watcher: asyncio.Task[None] | None = None
+        self._on_lost = self._client_left
+        if connection is not None:
+            connection.listeners.add(self._on_lost)
+        else:
+            # Through the task's loop: asyncio.get_running_loop() costs a getpid() system call
+            # per call on Python 3.11.
+            loop = task.get_loop() if task is not None else asyncio.get_running_loop()
+            self._watcher = loop.create_task(self._watch(receive))
 
     def guard(self, on: bool) -> None:
         """Cancel the request's task on disconnect (False: the response is complete)."""
         self._guarded = on and self.task is not None
+        if self._guarded and self._connection is not None and self._connection.lost:
+            self._client_left()  # it left before we listened
+
+    def _client_left(self) -> None:
+        if self._guarded and self.task is not None:
+            self.cancelled_request = True
+            self.task.cancel()
 
     async def _watch(self, receive: Receive) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                if self._guarded and self.task is not None:
-                    self.cancelled_request = True
-                    self.task.cancel()
+                self._client_left()
                 return
 
     def absorb_cancellation(self) -> bool:
@@ -834,9 +855,12 @@ class DisconnectWatch:
 
     async def close(self) -> None:
         self._guarded = False
-        self._watcher.cancel()
-        with contextlib.suppress(BaseException):
-            await self._watcher
+        if self._connection is not None:
+            self._connection.listeners.discard(self._on_lost)
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(BaseException):
+                await self._watcher
 
 
 @dataclass(slots=True)

@@ -1,21 +1,36 @@
-"""The router's HTTP server protocol: uvicorn's httptools protocol, one socket write per step.
+"""The router's HTTP server protocol: uvicorn's httptools protocol with two additions.
 
-uvicorn writes a response's status line and headers in one ``transport.write`` and each body
-part in another, so a non-streamed response costs the router two ``write`` system calls where
-one would do. On loopback a write is not cheap (the sender's call also runs the receiver's side
-of TCP): a native profile of the router at 200 req/s put about 30 µs on each, and the three
-writes of a proxied request (client head, client body, upstream request) were a fifth of the
-router's CPU. :class:`CoalescedWrites` joins what is written within one event-loop step and
-writes it once at the end of that step, so head and body go out together. A streamed response's
-chunks arrive in separate steps and still go out one by one, as they must.
+**One socket write per event-loop step.** uvicorn writes a response's status line and headers in
+one ``transport.write`` and each body part in another, so a non-streamed response costs the
+router two ``write`` system calls where one would do. On loopback a write is not cheap (the
+sender's call also runs the receiver's side of TCP): a native profile of the router at 200 req/s
+put about 30 µs on each, and the three writes of a proxied request (client head, client body,
+upstream request) were a fifth of the router's CPU. :class:`CoalescedWrites` joins what is
+written within one event-loop step and writes it once at the end of that step, so head and body
+go out together. A streamed response's chunks arrive in separate steps and still go out one by
+one, as they must.
+
+**A disconnect callback.** The gateway must cancel a request whose client leaves (the engine
+then aborts the generation). The ASGI way is a task per request that waits on ``receive()`` for
+``http.disconnect``: a task, an event and a cancellation per request, about 10 µs of the
+router's in-process work of about 70. The protocol knows when its connection is lost, so it puts
+a :class:`ConnectionWatch` in the request's scope (``scope["extensions"]["shoal.disconnect"]``)
+and calls the listeners registered there. Under another ASGI server the extension is absent and
+the gateway falls back to the task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger(__name__)
+
+DISCONNECT_EXTENSION = "shoal.disconnect"
 
 
 class CoalescedWrites(asyncio.Transport):
@@ -98,9 +113,41 @@ class CoalescedWrites(asyncio.Transport):
         self._transport.set_write_buffer_limits(high, low)
 
 
-class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol over :class:`CoalescedWrites` (``uvicorn.run(http=...)``)."""
+class ConnectionWatch:
+    """Whether a client connection is lost, and who to tell when it is (the requests in flight
+    on it register a callback and remove it when they are done)."""
+
+    __slots__ = ("listeners", "lost")
+
+    def __init__(self) -> None:
+        self.lost = False
+        self.listeners: set[Callable[[], None]] = set()
+
+    def connection_lost(self) -> None:
+        self.lost = True
+        listeners, self.listeners = self.listeners, set()
+        for listener in listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("disconnect listener failed")
+
+
+class RouterHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol over :class:`CoalescedWrites`, with a
+    :class:`ConnectionWatch` in every request's scope (``uvicorn.run(http=...)``)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.connection_watch = ConnectionWatch()
         # uvloop's transports implement asyncio.Transport without subclassing it.
         super().connection_made(CoalescedWrites(cast(asyncio.Transport, transport), self.loop))
+
+    def on_headers_complete(self) -> None:
+        # The scope of this request exists now, and its ASGI task has not started yet.
+        extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
+        extensions[DISCONNECT_EXTENSION] = self.connection_watch
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.connection_watch.connection_lost()

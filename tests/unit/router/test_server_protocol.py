@@ -9,7 +9,7 @@ from typing import Any
 
 import uvicorn
 
-from shoal.router.server_protocol import CoalescedWrites, CoalescingHttpToolsProtocol
+from shoal.router.server_protocol import CoalescedWrites, RouterHttpProtocol
 
 
 class _RecordingTransport(asyncio.Transport):
@@ -120,7 +120,7 @@ def test_uvicorn_serves_through_it_unchanged_and_streams_without_waiting() -> No
     async def run() -> None:
         port = _free_port()
         config = uvicorn.Config(
-            _app, host="127.0.0.1", port=port, http=CoalescingHttpToolsProtocol, log_level="error"
+            _app, host="127.0.0.1", port=port, http=RouterHttpProtocol, log_level="error"
         )
         server = uvicorn.Server(config)
         serving = asyncio.get_running_loop().create_task(server.serve())

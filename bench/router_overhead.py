@@ -71,6 +71,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def run_queue_wait_seconds(pid: int) -> float:
+    """Time a process's threads spent runnable but waiting for a CPU, from schedstat: on a busy
+    machine this is where much of a router's added latency comes from."""
+    total_ns = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        path = f"/proc/{pid}/task/{tid}/schedstat"
+        with contextlib.suppress(FileNotFoundError), open(path) as f:  # may have just ended
+            total_ns += int(f.read().split()[1])
+    return total_ns / 1e9
+
+
 @dataclasses.dataclass
 class Target:
     """What a measurement loads: the engines directly, or a router (with its pid, for CPU)."""
@@ -142,8 +153,8 @@ def main() -> int:
     ap.add_argument("--p99-bound-ms", type=float, default=100.0)
     ap.add_argument(
         "--routers",
-        default="shoal:round-robin,shoal:round-robin?scrape_interval_max_ms=200,"
-        "sglang:round_robin,vllm:round_robin",
+        default="shoal:round-robin,shoal:round-robin?scheduler_slice_us=0,"
+        "shoal:round-robin?scrape_interval_max_ms=200,sglang:round_robin,vllm:round_robin",
         help="impl:policy, comma-separated; Shoal takes config keys: shoal:policy?key=value",
     )
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md")
@@ -163,6 +174,8 @@ def main() -> int:
     max_rate: dict[str, float] = {}
     # cpu_ms[label][rate] = router CPU milliseconds per request, one per repeat
     cpu_ms: dict[str, dict[float, list[float]]] = {}
+    # wait_ms[label][rate] = router run-queue wait milliseconds per request, one per repeat
+    wait_ms: dict[str, dict[float, list[float]]] = {}
     steps = [float(x) for x in args.max_rate_steps.split(",") if x.strip()]
     try:
         candidates: list[RouterUnderTest | None] = [None]  # None: the engines, directly
@@ -180,10 +193,15 @@ def main() -> int:
                         if target is None:
                             continue
                         cpu0 = cpu_seconds(target.pid) if target.pid else 0.0
+                        wait0 = run_queue_wait_seconds(target.pid) if target.pid else 0.0
                         s, e2e = asyncio.run(measure(target.urls, rate, args.duration_s, seed=rep))
                         if target.pid:
+                            per_request = 1000.0 / max(1, s.requests)
                             cpu_ms.setdefault(label, {}).setdefault(rate, []).append(
-                                (cpu_seconds(target.pid) - cpu0) * 1000.0 / max(1, s.requests)
+                                (cpu_seconds(target.pid) - cpu0) * per_request
+                            )
+                            wait_ms.setdefault(label, {}).setdefault(rate, []).append(
+                                (run_queue_wait_seconds(target.pid) - wait0) * per_request
                             )
                     if rut is not None and rut not in ran:
                         ran.append(rut)
@@ -220,7 +238,7 @@ def main() -> int:
     finally:
         for e in engines:
             e.stop()
-    body = render(args, rates, results, pooled, max_rate, cpu_ms, errors, ran)
+    body = render(args, rates, results, pooled, max_rate, cpu_ms, wait_ms, errors, ran)
     print(body)
     if not args.no_write:
         update_section("router-overhead", body)
@@ -232,6 +250,32 @@ def _med(xs: list[float]) -> float:
     return ys[len(ys) // 2] if len(ys) % 2 else (ys[len(ys) // 2 - 1] + ys[len(ys) // 2]) / 2
 
 
+def _per_rate_table(
+    title: str,
+    data: dict[str, dict[float, list[float]]],
+    routers: list[RouterUnderTest],
+    rates: list[float],
+) -> list[str]:
+    """A router x rate table of per-repeat values (median [range]); nothing without data."""
+    if not data:
+        return []
+    lines = [
+        "",
+        title,
+        "",
+        "| router | " + " | ".join(f"{r:g} req/s" for r in rates) + " |",
+        "| --- |" + " ---: |" * len(rates),
+    ]
+    for r in routers:
+        per_rate = data.get(r.label, {})
+        cells = [
+            f"{_med(v):.2f} [{min(v):.2f}, {max(v):.2f}]" if (v := per_rate.get(rate)) else ""
+            for rate in rates
+        ]
+        lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(
     args: argparse.Namespace,
     rates: list[float],
@@ -239,6 +283,7 @@ def render(
     pooled: dict[str, dict[float, list[float]]],
     max_rate: dict[str, float],
     cpu_ms: dict[str, dict[float, list[float]]],
+    wait_ms: dict[str, dict[float, list[float]]],
     errors: dict[str, str],
     routers: list[RouterUnderTest],
 ) -> str:
@@ -265,7 +310,10 @@ def render(
         "backs off to 800 ms while the engine is calm (router/scrape_cadence.py); on this "
         "benchmark's engines (no queue, load all the router's own) it backs off. The row with "
         "`scrape_interval_max_ms 200` scrapes every 200 ms throughout, to show what the cadence "
-        "saves. Shoal's round-robin does not subscribe to the engines' KV events (`kv_events: "
+        "saves. Shoal's event loop asks the kernel for a 100 µs scheduler slice "
+        "(router/scheduling.py), so that it runs sooner after each wake-up on these shared cores; "
+        "the row with `scheduler_slice_us 0` keeps the kernel's default, to show what that "
+        "does. Shoal's round-robin does not subscribe to the engines' KV events (`kv_events: "
         "off`), as vllm-router is given event sources only for `kv_aware`. The client, the "
         "engines and the "
         "router share this machine's cores: the numbers include CPU contention, and the 'max rate' "
@@ -311,23 +359,22 @@ def render(
                 f"{_med(a50):.2f} [{min(a50):.2f}, {max(a50):.2f}] | "
                 f"{_med(a99):.2f} [{min(a99):.2f}, {max(a99):.2f}] | {ratio} |"
             )
-    if cpu_ms:
-        lines += [
-            "",
-            "Router CPU per request (user + system time of the router process over each run, "
-            "from /proc, divided by the run's requests; median [range] of the repeats, ms). "
-            "Unlike latency this hardly depends on what else the machine is doing:",
-            "",
-            "| router | " + " | ".join(f"{r:g} req/s" for r in rates) + " |",
-            "| --- |" + " ---: |" * len(rates),
-        ]
-        for r in routers:
-            per_rate = cpu_ms.get(r.label, {})
-            cells = [
-                f"{_med(v):.2f} [{min(v):.2f}, {max(v):.2f}]" if (v := per_rate.get(rate)) else ""
-                for rate in rates
-            ]
-            lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
+    lines += _per_rate_table(
+        "Router CPU per request (user + system time of the router process over each run, "
+        "from /proc, divided by the run's requests; median [range] of the repeats, ms). "
+        "Unlike latency this hardly depends on what else the machine is doing:",
+        cpu_ms,
+        routers,
+        rates,
+    )
+    lines += _per_rate_table(
+        "Router run-queue wait per request (time the router's threads were ready to run but "
+        "waited for a CPU, from /proc/<pid>/task/*/schedstat, divided by the run's requests; "
+        "median [range], ms): on these 2 shared cores, a large part of the latency a router adds:",
+        wait_ms,
+        routers,
+        rates,
+    )
     if max_rate:
         lines += [
             "",

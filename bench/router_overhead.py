@@ -72,8 +72,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run_queue_wait_seconds(pid: int) -> float:
-    """Time a process's threads spent runnable but waiting for a CPU, from schedstat: on a busy
-    machine this is where much of a router's added latency comes from."""
+    """Time a process's threads spent ready to run but waiting for a CPU (schedstat), a measure
+    of how much the router competes with the engines and the client for these shared cores."""
     total_ns = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         path = f"/proc/{pid}/task/{tid}/schedstat"
@@ -153,8 +153,8 @@ def main() -> int:
     ap.add_argument("--p99-bound-ms", type=float, default=100.0)
     ap.add_argument(
         "--routers",
-        default="shoal:round-robin,shoal:round-robin?scheduler_slice_us=0,"
-        "shoal:round-robin?scrape_interval_max_ms=200,sglang:round_robin,vllm:round_robin",
+        default="shoal:round-robin,shoal:round-robin?scrape_interval_max_ms=200,"
+        "sglang:round_robin,vllm:round_robin",
         help="impl:policy, comma-separated; Shoal takes config keys: shoal:policy?key=value",
     )
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md")
@@ -310,10 +310,7 @@ def render(
         "backs off to 800 ms while the engine is calm (router/scrape_cadence.py); on this "
         "benchmark's engines (no queue, load all the router's own) it backs off. The row with "
         "`scrape_interval_max_ms 200` scrapes every 200 ms throughout, to show what the cadence "
-        "saves. Shoal's event loop asks the kernel for a 100 µs scheduler slice "
-        "(router/scheduling.py), so that it runs sooner after each wake-up on these shared cores; "
-        "the row with `scheduler_slice_us 0` keeps the kernel's default, to show what that "
-        "does. Shoal's round-robin does not subscribe to the engines' KV events (`kv_events: "
+        "saves. Shoal's round-robin does not subscribe to the engines' KV events (`kv_events: "
         "off`), as vllm-router is given event sources only for `kv_aware`. The client, the "
         "engines and the "
         "router share this machine's cores: the numbers include CPU contention, and the 'max rate' "
@@ -370,7 +367,7 @@ def render(
     lines += _per_rate_table(
         "Router run-queue wait per request (time the router's threads were ready to run but "
         "waited for a CPU, from /proc/<pid>/task/*/schedstat, divided by the run's requests; "
-        "median [range], ms): on these 2 shared cores, a large part of the latency a router adds:",
+        "median [range], ms):",
         wait_ms,
         routers,
         rates,

@@ -17,8 +17,6 @@ from shoal.router.config import (
     load_config_file,
     parse_endpoint_urls,
 )
-from shoal.router.metrics import RouterMetrics
-from shoal.router.scheduling import request_slice
 from shoal.router.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -94,16 +92,6 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig.from_mapping(merged)
 
 
-def _ask_for_short_slice(slice_us: int, metrics: RouterMetrics) -> None:
-    """Before the event loop starts, on its thread (router/scheduling.py)."""
-    if slice_us == 0:
-        log.info("scheduler slice: the kernel's default (scheduler_slice_us: 0)")
-        return
-    outcome = request_slice(slice_us)
-    metrics.scheduler_slice.set(outcome.slice_us / 1e6)
-    (log.info if outcome.slice_us else log.warning)("scheduler slice: %s", outcome.message)
-
-
 def run_router(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
@@ -134,7 +122,6 @@ def run_router(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
-    _ask_for_short_slice(config.scheduler_slice_us, app.state.router.metrics)
     uvicorn.run(
         app,
         host=config.host,

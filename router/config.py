@@ -22,7 +22,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from shoal.router.scheduling import MIN_SLICE_US
 from shoal.router.strategies import SCORER_NAMES, check_strategy, merged_weights
 from shoal.router.types import Priority
 
@@ -194,9 +193,6 @@ class RouterConfig(_Strict):
     # only when the engine is stalled, which the client's own timeout handles.
     read_timeout_s: float | None = None
     max_connections: int = Field(default=1000, ge=1)
-    # Scheduler slice (µs) the event loop asks the kernel for, so that it runs soon after it
-    # wakes on a busy machine (router/scheduling.py; Linux 6.12+). 0: the kernel's default.
-    scheduler_slice_us: int = Field(default=100, ge=0, le=100_000)
 
     # Shared state across router replicas.
     redis_url: str | None = None
@@ -209,11 +205,6 @@ class RouterConfig(_Strict):
         merged_weights(self.strategy, self.weights)
         if self.endpoints and self.kubernetes is not None:
             raise ValueError("give either static endpoints or kubernetes discovery, not both")
-        if 0 < self.scheduler_slice_us < MIN_SLICE_US:
-            raise ValueError(
-                f"scheduler_slice_us must be 0 (the kernel's default) or at least {MIN_SLICE_US} "
-                f"(the kernel's shortest slice), got {self.scheduler_slice_us}"
-            )
         if (
             self.scrape_interval_max_ms is not None
             and self.scrape_interval_max_ms < self.scrape_interval_ms

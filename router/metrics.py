@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
@@ -243,13 +243,6 @@ class RouterMetrics:
                 ["endpoint"],
                 registry=r,
             )
-        )
-        self.scheduler_slice = Gauge(
-            "shoal_router_scheduler_slice_seconds",
-            "Scheduler slice the event loop's thread asked the kernel for and got "
-            "(router/scheduling.py); 0: the kernel's default, also when the request failed "
-            "(the log says why)",
-            registry=r,
         )
         self.tokenizer_fallbacks = CachedLabels(
             Counter(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -77,22 +76,6 @@ def _children_of(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def _kernel_at_least(major: int, minor: int) -> bool:
-    parts = platform.release().split(".")
-    return platform.system() == "Linux" and (int(parts[0]), int(parts[1])) >= (major, minor)
-
-
-def _cmdline(pid: int) -> bytes:
-    return Path(f"/proc/{pid}/cmdline").read_bytes()
-
-
-def _sched_slice_ns(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/sched").read_text().splitlines():
-        if line.startswith("se.slice"):
-            return int(line.split(":")[1])
-    raise AssertionError(f"no se.slice in /proc/{pid}/sched")
-
-
 def test_up_serves_and_stops_every_child(tmp_path: Path) -> None:
     model = tmp_path / "model.yaml"
     model.write_text(TINY_MODEL)
@@ -123,13 +106,6 @@ def test_up_serves_and_stops_every_child(tmp_path: Path) -> None:
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 5
         assert r.headers["x-shoal-endpoint"].startswith("http://127.0.0.1:")
-        # The router's event loop runs with the short scheduler slice it asks for (Linux 6.12+),
-        # seen from outside in the kernel's own accounting and in the router's gauge.
-        metrics = httpx.get(url + "/metrics", timeout=5).text
-        if _kernel_at_least(6, 12):
-            router_pid = next(c for c in children if b"router" in _cmdline(c))
-            assert _sched_slice_ns(router_pid) == 100_000
-            assert "shoal_router_scheduler_slice_seconds 0.0001" in metrics
         # `shoal up` prints the URL once its own readiness check passes, which may come a moment
         # after the router first answers the test's probe.
         deadline = time.monotonic() + 30

@@ -54,7 +54,7 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set",
         "operator.enabled=false,router.redisUrl=redis://r:6379/0,"
         "router.apiKeys.existingSecret=router-keys,router.scrapeIntervalMaxMs=1000,"
-        "router.tokenizer=hf,router.scrapeIdleWaitShare=0,router.schedulerSliceUs=0",
+        "router.tokenizer=hf,router.scrapeIdleWaitShare=0",
         "--set-json",
         'router.tokenizerDirs={"meta-llama/Llama-3.1-8B-Instruct": "/tokenizers/llama"}',
         "--set-json",
@@ -238,10 +238,8 @@ def test_router_config_is_accepted_by_the_router(
         assert secret["secretName"] == "router-keys"
         assert config.scrape_interval_max_s == 1.0
         assert config.scrape_idle_wait_share == 0.0  # 0 must not fall back to the default
-        assert config.scheduler_slice_us == 0
     else:
         assert config.scrape_idle_wait_share == 0.25
-        assert config.scheduler_slice_us == 100
     if name == "router-only":
         # Real vLLM engines: the HF tokenizer, its files mounted through extraVolumes.
         assert config.tokenizer == "hf"

@@ -55,8 +55,9 @@ def test_added_latency_and_the_ratio_to_the_better_peer(overhead: ModuleType) ->
         peer.label: {200.0: [x + 1.0 for x in direct]},  # adds 1 ms everywhere
     }
     cpu = {shoal.label: {200.0: [0.6, 0.7, 0.5]}, peer.label: {200.0: [0.3, 0.3]}}
+    wait = {shoal.label: {200.0: [0.3, 0.4]}, peer.label: {200.0: [0.2, 0.25, 0.21]}}
     text = overhead.render(
-        args(), [200.0], results, pooled, {shoal.label: 1300.0}, cpu, {}, [shoal, peer]
+        args(), [200.0], results, pooled, {shoal.label: 1300.0}, cpu, wait, {}, [shoal, peer]
     )
     lines = text.splitlines()
 
@@ -69,6 +70,10 @@ def test_added_latency_and_the_ratio_to_the_better_peer(overhead: ModuleType) ->
     )
     assert row(peer.label).endswith("| 1.00 | 1.00 | 0.45 [0.40, 0.50] | 1.00 [1.00, 1.00] |  |")
     assert f"| {shoal.label} | 0.60 [0.50, 0.70] |" in text  # CPU per request, median [range]
+    # run-queue wait per request, in its own table after the CPU one
+    assert text.index("run-queue wait per request") > text.index("Router CPU per request")
+    assert f"| {shoal.label} | 0.35 [0.30, 0.40] |" in text
+    assert f"| {peer.label} | 0.21 [0.20, 0.25] |" in text
     assert f"- {shoal.label}: 1300 req/s" in text
 
 
@@ -83,7 +88,7 @@ def test_a_peer_that_adds_nothing_gives_no_ratio(overhead: ModuleType) -> None:
         shoal.label: {200.0: [x + 1 for x in direct]},
         peer.label: {200.0: [x - 0.5 for x in direct]},  # faster than direct: noise
     }
-    text = overhead.render(args(), [200.0], results, pooled, {}, {}, {"vllm": "not installed"},
+    text = overhead.render(args(), [200.0], results, pooled, {}, {}, {}, {"vllm": "not installed"},
                            [shoal, peer])  # fmt: skip
     assert "n/a (peer ≤ 0)" in text
     assert "- vllm: could not run: `not installed`" in text

@@ -196,12 +196,13 @@ def main() -> int:
                         wait0 = run_queue_wait_seconds(target.pid) if target.pid else 0.0
                         s, e2e = asyncio.run(measure(target.urls, rate, args.duration_s, seed=rep))
                         if target.pid:
-                            per_request = 1000.0 / max(1, s.requests)
+                            # seconds over the run -> milliseconds per request
+                            ms_per_request = 1000.0 / max(1, s.requests)
                             cpu_ms.setdefault(label, {}).setdefault(rate, []).append(
-                                (cpu_seconds(target.pid) - cpu0) * per_request
+                                (cpu_seconds(target.pid) - cpu0) * ms_per_request
                             )
                             wait_ms.setdefault(label, {}).setdefault(rate, []).append(
-                                (run_queue_wait_seconds(target.pid) - wait0) * per_request
+                                (run_queue_wait_seconds(target.pid) - wait0) * ms_per_request
                             )
                     if rut is not None and rut not in ran:
                         ran.append(rut)

@@ -817,9 +817,9 @@ class DisconnectWatch:
         self.endpoint = ""
         self._connection = connection
         self._watcher: asyncio.Task[None] | None = None
-        self._on_lost = self._client_left
         if connection is not None:
-            connection.listeners.add(self._on_lost)
+            # Bound methods compare equal per instance, so close() can discard this one.
+            connection.listeners.add(self._client_left)
         else:
             # Through the task's loop: asyncio.get_running_loop() costs a getpid() system call
             # per call on Python 3.11.
@@ -856,7 +856,7 @@ class DisconnectWatch:
     async def close(self) -> None:
         self._guarded = False
         if self._connection is not None:
-            self._connection.listeners.discard(self._on_lost)
+            self._connection.listeners.discard(self._client_left)
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(BaseException):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -81,12 +82,23 @@ def test_client_disconnect_aborts_engine_request(sim: Sim, stream: bool) -> None
             with httpx.Client(base_url=sim.url, timeout=httpx.Timeout(30, read=1.0)) as c:
                 if stream:
                     with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
-                        next(r.iter_bytes())
+                        # Hold the iterator: dropping it closes the connection, and the engine
+                        # could abort before the check.
+                        body_chunks = r.iter_bytes()
+                        next(body_chunks)
                         assert _engine_busy(admin) == 1
+                    # Leaving the block closes the response mid-stream: the client leaves here.
                 else:
-                    with pytest.raises(httpx.ReadTimeout):
-                        c.post("/v1/completions", json=LONG)
-                    assert _engine_busy(admin) == 1
+                    # Check the engine holds it while the client still waits (after the
+                    # timeout, the client has closed the connection).
+                    with ThreadPoolExecutor(1) as pool:
+                        pending = pool.submit(c.post, "/v1/completions", json=LONG)
+                        busy_deadline = time.monotonic() + 5
+                        while not _engine_busy(admin) and time.monotonic() < busy_deadline:
+                            time.sleep(0.02)
+                        assert _engine_busy(admin) == 1
+                        with pytest.raises(httpx.ReadTimeout):
+                            pending.result()
             # The connection is gone: the engine must drop the request promptly.
             deadline = time.monotonic() + 5
             while _engine_busy(admin) and time.monotonic() < deadline:

@@ -166,8 +166,12 @@ def test_client_disconnect_through_the_router_aborts_the_engine_request(
         if stream:
             with client.stream("POST", "/v1/completions", json=body) as resp:
                 assert resp.status_code == 200
-                next(resp.iter_bytes())
+                # Hold the iterator: closing it (as dropping a bare next(iter_bytes()) does)
+                # closes the connection, and the engine could abort before the check below.
+                body_chunks = resp.iter_bytes()
+                next(body_chunks)
                 assert _engine_busy(sim) == 1
+            # Leaving the block closes the response mid-stream: the client disconnects here.
         else:
             # Non-streamed: nothing comes back until the end, so the router is still waiting
             # for the engine's response headers when the client gives up.

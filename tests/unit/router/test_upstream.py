@@ -7,7 +7,13 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from shoal.router.upstream import PooledUpstream, UpstreamConnectError, UpstreamError, header
+from shoal.router.upstream import (
+    MAX_CACHED_URLS,
+    PooledUpstream,
+    UpstreamConnectError,
+    UpstreamError,
+    header,
+)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -80,17 +86,8 @@ def test_content_length_and_keep_alive_reuse() -> None:
 def test_chunked_stream_arrives_in_pieces() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-            b"transfer-encoding: chunked\r\n\r\n"
-        )
-        for i in range(3):
-            event = f"data: {i}\n\n".encode()
-            writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
-            await writer.drain()
-            await asyncio.sleep(0.02)
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
+        events = [f"data: {i}\n\n".encode() for i in range(3)]
+        await _chunked(writer, events, gap_s=0.02, headers=b"content-type: text/event-stream\r\n")
 
     async def run() -> None:
         server, url = await _serve(handler)
@@ -190,12 +187,15 @@ def test_get_reads_whole_body_reuses_connection_and_times_out() -> None:
     asyncio.run(run())
 
 
-async def _trickle(writer: asyncio.StreamWriter, pieces: int, gap_s: float) -> None:
-    """A chunked response whose chunks come ``gap_s`` apart."""
-    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-    for _ in range(pieces):
-        await asyncio.sleep(gap_s)
-        writer.write(b"2\r\nab\r\n")
+async def _chunked(
+    writer: asyncio.StreamWriter, chunks: list[bytes], gap_s: float = 0.0, headers: bytes = b""
+) -> None:
+    """A chunked 200 response, each chunk written (and drained) ``gap_s`` after the last."""
+    writer.write(b"HTTP/1.1 200 OK\r\n" + headers + b"transfer-encoding: chunked\r\n\r\n")
+    for chunk in chunks:
+        if gap_s:
+            await asyncio.sleep(gap_s)
+        writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
         await writer.drain()
     writer.write(b"0\r\n\r\n")
     await writer.drain()
@@ -213,7 +213,7 @@ def test_a_read_waiting_longer_than_the_read_timeout_fails_and_a_slow_stream_doe
             await writer.drain()
             await asyncio.sleep(5)
         else:
-            await _trickle(writer, pieces=6, gap_s=0.1)
+            await _chunked(writer, [b"ab"] * 6, gap_s=0.1)
         writer.close()
 
     async def run() -> None:
@@ -244,7 +244,7 @@ def test_time_between_reads_does_not_count_against_the_read_timeout() -> None:
 
     async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)
-        await _trickle(writer, pieces=2, gap_s=0.05)
+        await _chunked(writer, [b"ab"] * 2, gap_s=0.05)
         writer.close()
 
     async def run() -> None:
@@ -287,3 +287,49 @@ def test_no_read_timeout_timer_outlives_its_exchange() -> None:
 
 async def _const(value: bytes) -> bytes:
     return value
+
+
+def test_a_slow_client_pauses_reading_and_loses_nothing() -> None:
+    """An engine that writes faster than the client reads: the connection stops reading once
+    its buffer limit is waiting, and every byte still arrives, in order."""
+    piece = bytes(range(256)) * 256  # 64 KiB
+    pieces = 64  # 4 MiB in all
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        await _chunked(writer, [piece] * pieces)
+
+    async def run() -> None:
+        server, url = await _serve(respond)
+        pool = PooledUpstream()
+        try:
+            resp = await pool.post(url, "/x", b"{}", {})
+            conn = resp._conn  # type: ignore[attr-defined]
+            got = bytearray()
+            most_buffered = 0
+            paused = False
+            async for chunk in resp.aiter_raw():
+                got += chunk
+                most_buffered = max(most_buffered, conn.buffered)
+                paused = paused or conn.paused
+                await asyncio.sleep(0.002)  # a slow client
+            assert got == piece * pieces
+            assert paused
+            # The limit plus what one socket read can add on top of it.
+            assert most_buffered <= conn.MAX_BUFFERED_BYTES + 512 * 1024
+        finally:
+            await pool.aclose()
+            server.close()
+
+    asyncio.run(run())
+
+
+def test_parsed_engine_urls_are_cached_within_a_bound() -> None:
+    pool = PooledUpstream()
+    assert pool._key("http://10.0.0.1:8000") == ("10.0.0.1", 8000)
+    assert pool._key("http://engine") == ("engine", 80)
+    for i in range(MAX_CACHED_URLS + 10):
+        pool._key(f"http://10.1.{i // 256}.{i % 256}:8000")
+    assert len(pool._keys) <= MAX_CACHED_URLS
+    with pytest.raises(UpstreamError, match="unsupported engine URL"):
+        pool._key("https://10.0.0.1:8000")

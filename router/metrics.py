@@ -258,7 +258,9 @@ class RouterMetrics:
             Counter(
                 "shoal_router_prefix_blocks",
                 "Prompt blocks at decision time (kind=prompt) and those the chosen endpoint "
-                "was estimated to hold (kind=matched); matched/prompt is the estimated hit ratio",
+                "was estimated to hold (kind=matched); matched/prompt is the estimated hit ratio. "
+                "Counted for tokenized prompts: strategies with a prefix or in-flight-tokens "
+                "scorer, or all with tokenize_prompts: always",
                 ["strategy", "kind"],
                 registry=r,
             )
@@ -266,7 +268,8 @@ class RouterMetrics:
         self.prefix_hit_ratio = CachedLabels(
             Histogram(
                 "shoal_router_prefix_hit_ratio",
-                "Estimated prefix hit ratio of each decision (matched blocks / prompt blocks)",
+                "Estimated prefix hit ratio of each decision (matched blocks / prompt blocks), "
+                "for tokenized prompts (see shoal_router_prefix_blocks)",
                 ["strategy"],
                 buckets=_RATIO_BUCKETS,
                 registry=r,

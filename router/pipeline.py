@@ -95,6 +95,7 @@ class RoutingPipeline:
         *,
         observers: Sequence[DecisionObserver] = (),
         fallbacks: FallbackRecorder | None = None,
+        reads_prompt_tokens: bool = True,
     ) -> None:
         for scorer, weight in weighted_scorers:
             if weight < 0:
@@ -105,6 +106,9 @@ class RoutingPipeline:
         self.name = name
         self.observers = tuple(observers)
         self.fallbacks = fallbacks if fallbacks is not None else FallbackRecorder()
+        # Whether routing reads the request's prompt tokens (its block hashes or its token
+        # count): the gateway tokenizes a prompt only for pipelines that do.
+        self.reads_prompt_tokens = reads_prompt_tokens
 
     def decide(
         self, request: RoutingRequest, candidates: Sequence[EndpointState]

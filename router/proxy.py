@@ -39,6 +39,7 @@ from shoal.router.engine_state import EngineStateStore
 from shoal.router.holding import HoldFull, HoldQueue, HoldTimeout, NoLongerDeclared
 from shoal.router.kv_index import KvEventIndex
 from shoal.router.metrics import CONTENT_TYPE, RouterMetrics
+from shoal.router.pipeline import RoutingPipeline
 from shoal.router.prefix_index import ApproxPrefixIndex
 from shoal.router.server_protocol import DISCONNECT_EXTENSION, ConnectionWatch
 from shoal.router.shared_state import SharedState
@@ -169,6 +170,11 @@ class SimTokenizers:
         return tok
 
 
+# Prompt length from its characters when it is not tokenized: about 4 characters per token, the
+# usual rule of thumb for English text with BPE tokenizers (OpenAI's tokenizer guide).
+CHARS_PER_TOKEN = 4
+
+
 @dataclass(slots=True)
 class ParsedBody:
     model: str
@@ -176,7 +182,29 @@ class ParsedBody:
     max_tokens: int | None
     user: str | None
     prompt_token_ids: list[int]
-    prompt_tokens: int  # estimated for prompts beyond MAX_TOKENIZED_CHARS
+    # Exact once tokenized (beyond MAX_TOKENIZED_CHARS extrapolated); until then estimated from
+    # the prompt's characters (CHARS_PER_TOKEN).
+    prompt_tokens: int
+    # A text prompt (chat: rendered with the model's template) not yet tokenized; None once
+    # tokenized, or when the prompt came as token ids.
+    prompt_text: str | None = None
+    add_special_tokens: bool = False
+
+
+def tokenize_prompt(parsed: ParsedBody, tokenizer: PromptTokenizer) -> None:
+    """Fill in the prompt's token ids and exact length (no-op when there is no text left)."""
+    text = parsed.prompt_text
+    if text is None:
+        return
+    head = text[:MAX_TOKENIZED_CHARS]
+    ids = tokenizer.encode(head, add_special_tokens=parsed.add_special_tokens)
+    prompt_tokens = len(ids)
+    if len(text) > len(head):
+        # Roughly as many tokens per character as the part we did tokenize.
+        prompt_tokens += int((len(text) - len(head)) * len(ids) / max(1, len(head)))
+    parsed.prompt_token_ids = ids
+    parsed.prompt_tokens = prompt_tokens
+    parsed.prompt_text = None
 
 
 # The request headers the gateway reads (ASGI servers give names in lower case).
@@ -215,13 +243,16 @@ def parse_body(
     kind: str,
     tokenizer_for: Callable[[str], PromptTokenizer],
     default_model: Callable[[], str] | None = None,
+    *,
+    tokenize: bool = True,
 ) -> ParsedBody:
     """Parse an OpenAI completions/chat body once and extract what routing needs.
 
     Only what routing relies on is validated here; the engine validates the rest and its 400s
     pass through unchanged. A body without ``model`` (or with ``null``) gets ``default_model()``,
     as vLLM serves its default model then; that callable raises ``ApiError`` when the router has
-    no single model to choose.
+    no single model to choose. With ``tokenize=False`` a text prompt is left for
+    :func:`tokenize_prompt` and its length estimated, for routing that reads no prompt tokens.
     """
     try:
         # orjson: ~3x faster than the standard library here, and it rejects NaN/Infinity,
@@ -272,22 +303,22 @@ def parse_body(
             ids = [t for t in prompt[: MAX_ROUTING_BLOCKS * 64] if isinstance(t, int)]
         elif prompt is not None:
             raise _bad("'prompt' must be a string, a list of strings or token ids", "prompt")
-    prompt_tokens = len(ids)
-    if text is not None:
-        head = text[:MAX_TOKENIZED_CHARS]
-        ids = tokenizer.encode(head, add_special_tokens=add_special_tokens)
-        prompt_tokens = len(ids)
-        if len(text) > len(head):
-            # Roughly as many tokens per character as the part we did tokenize.
-            prompt_tokens += int((len(text) - len(head)) * len(ids) / max(1, len(head)))
-    return ParsedBody(
+    parsed = ParsedBody(
         model=model,
         stream=stream,
         max_tokens=max_tokens,
         user=user if isinstance(user, str) else None,
         prompt_token_ids=ids,
-        prompt_tokens=prompt_tokens,
+        prompt_tokens=len(ids),
+        prompt_text=text,
+        add_special_tokens=add_special_tokens,
     )
+    if text is not None:
+        if tokenize:
+            tokenize_prompt(parsed, tokenizer)
+        else:
+            parsed.prompt_tokens = max(1, round(len(text) / CHARS_PER_TOKEN))
+    return parsed
 
 
 # ------------------------------------------------------------------------------ the gateway
@@ -613,7 +644,7 @@ class Gateway:
         watch: DisconnectWatch,
     ) -> Response:
         """Parse, admit and dispatch one request whose body has been read."""
-        parsed = parse_body(raw, kind, self._tokenizer_for, self._default_model)
+        parsed = parse_body(raw, kind, self._tokenizer_for, self._default_model, tokenize=False)
         strategy = headers.get(STRATEGY_HEADER) or None
         if strategy is not None:
             try:
@@ -625,6 +656,12 @@ class Gateway:
             resolved = await self._resolve_declared(parsed.model)
         base, lora = resolved
         watch.model = base
+        pipeline = self.pipelines.for_model(base, strategy)
+        # Tokenizing and hashing the prompt is the largest piece of the gateway's own work per
+        # request: done only when the pipeline reads the tokens (prefix scorers, in-flight
+        # tokens) or the configuration asks for every request's prefix history.
+        if self.config.tokenize_prompts == "always" or pipeline.reads_prompt_tokens:
+            tokenize_prompt(parsed, self._tokenizer_for(parsed.model))
         session = headers.get(SESSION_HEADER) or parsed.user
         expected = (
             parsed.max_tokens
@@ -663,7 +700,16 @@ class Gateway:
         self.metrics.queue_wait.labels(base).observe(ticket.queued_s)
         try:
             return await self._dispatch(
-                headers, raw, path, rreq, parsed, identity, started, ticket.dispatched, watch
+                headers,
+                raw,
+                path,
+                rreq,
+                pipeline,
+                parsed,
+                identity,
+                started,
+                ticket.dispatched,
+                watch,
             )
         finally:
             ticket.dispatched()  # no-op when _dispatch already handed off
@@ -674,6 +720,7 @@ class Gateway:
         raw: bytes,
         path: str,
         rreq: RoutingRequest,
+        pipeline: RoutingPipeline,
         parsed: ParsedBody,
         identity: Identity,
         started: float,
@@ -681,7 +728,6 @@ class Gateway:
         watch: DisconnectWatch,
     ) -> Response:
         base = rreq.base_model
-        pipeline = self.pipelines.for_model(base, rreq.strategy)
         headers = self._upstream_headers(request_headers, identity)
         cost = parsed.prompt_tokens + rreq.expected_output_tokens
         excluded: set[str] = set()

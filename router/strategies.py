@@ -62,6 +62,12 @@ SCORER_NAMES: tuple[str, ...] = (
 )
 
 
+# Scorers that read the request's prompt tokens: the prefix scorers its block hashes, and
+# in-flight-tokens the token counts of every request in flight (each request's count feeds it).
+# A pipeline without them routes without tokenizing the prompt.
+TOKEN_READING_SCORERS = frozenset({"approx-prefix", "precise-kv", "in-flight-tokens"})
+
+
 @dataclass(frozen=True, slots=True)
 class _Preset:
     picker: str
@@ -139,7 +145,9 @@ def build_pipeline(
     Indexes and tables are passed in (shared by all pipelines of a router): ``approx_index`` is
     required by ``approx-prefix``, ``kv_index`` by ``precise-kv``, ``sessions`` by
     ``session-affinity``. When ``approx_index`` is given, every pipeline records its decisions in it
-    whatever the strategy, so the history is complete when a request switches to ``prefix``.
+    whatever the strategy, so the history is complete when a request switches to ``prefix``; the
+    decisions of a pipeline without a token-reading scorer carry block hashes only when the
+    router tokenizes every prompt (``tokenize_prompts: always``).
     """
     check_strategy(strategy)
     preset = _PRESETS[strategy]
@@ -196,7 +204,13 @@ def build_pipeline(
     else:
         picker = MaxScorePicker(rng)
     return RoutingPipeline(
-        filters, scorers, picker, strategy, observers=observers, fallbacks=fallbacks
+        filters,
+        scorers,
+        picker,
+        strategy,
+        observers=observers,
+        fallbacks=fallbacks,
+        reads_prompt_tokens=any(s.name in TOKEN_READING_SCORERS for s, w in scorers if w > 0),
     )
 
 

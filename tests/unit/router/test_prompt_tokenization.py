@@ -1,0 +1,229 @@
+"""The router tokenizes a prompt only when its routing reads the tokens (``tokenize_prompts:
+auto``), or always when configured to. The router runs in-process with its real lifespan; its two
+engines are a stub ASGI app reached through an ``httpx.ASGITransport``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from shoal.router.app import create_router_app
+from shoal.router.config import RouterConfig
+from shoal.router.kv_index import KvEventIndex
+from shoal.router.prefix_index import ApproxPrefixIndex
+from shoal.router.proxy import (
+    CHARS_PER_TOKEN,
+    PromptTokenizer,
+    SimTokenizers,
+    parse_body,
+    tokenize_prompt,
+)
+from shoal.router.scorers import SessionTable
+from shoal.router.strategies import STRATEGIES, build_pipeline
+
+METRICS = (
+    'vllm:num_requests_running{engine="0",model_name="tiny"} 0.0\n'
+    'vllm:num_requests_waiting{engine="0",model_name="tiny"} 0.0\n'
+    'vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.0\n'
+    'vllm:cache_config_info{block_size="16",engine="0"} 1.0\n'
+)
+# 40 words: 2 full blocks of 16 tokens with the simulator's word-level tokenizer.
+PROMPT = " ".join(f"w{i}" for i in range(40))
+
+
+async def _metrics(request: Request) -> Response:
+    return PlainTextResponse(METRICS)
+
+
+async def _models(request: Request) -> Response:
+    return JSONResponse({"data": [{"id": "tiny", "root": "tiny", "parent": None}]})
+
+
+async def _complete(request: Request) -> Response:
+    await request.body()
+    return JSONResponse({"choices": [{"text": "ok"}], "usage": {"completion_tokens": 1}})
+
+
+ENGINE = Starlette(
+    routes=[
+        Route("/metrics", _metrics),
+        Route("/v1/models", _models),
+        Route("/v1/completions", _complete, methods=["POST"]),
+    ]
+)
+
+
+class CountingTokenizers:
+    """The simulator's tokenizers, counting the prompts they encode."""
+
+    def __init__(self) -> None:
+        self._inner = SimTokenizers()
+        self.encoded = 0
+
+    def for_model(self, model: str) -> PromptTokenizer:
+        return _Counting(self._inner.for_model(model), self)
+
+
+class _Counting:
+    def __init__(self, inner: PromptTokenizer, counts: CountingTokenizers) -> None:
+        self._inner = inner
+        self._counts = counts
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        self._counts.encoded += 1
+        return self._inner.encode(text, add_special_tokens=add_special_tokens)
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        return self._inner.chat_prompt(messages)
+
+
+class Router:
+    def __init__(self, strategy: str, tokenize_prompts: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        config = RouterConfig.from_mapping(
+            {
+                "endpoints": [{"url": "http://engine-a"}, {"url": "http://engine-b"}],
+                "kv_events": "off",
+                "strategy": strategy,
+                "tokenize_prompts": tokenize_prompts,
+            }
+        )
+        self.tokenizers = CountingTokenizers()
+        upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=ENGINE))
+        self.app = create_router_app(config, tokenizers=self.tokenizers, http_client=upstream)
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        self.loop.run_until_complete(self._lifespan.__aenter__())
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://router"
+        )
+        self.loop.run_until_complete(self._until_ready())
+
+    async def _until_ready(self) -> None:
+        for _ in range(200):
+            if (await self.client.get("/v1/models")).json()["data"]:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("router never saw the stub engines")
+
+    def complete(self, prompt: str, strategy: str | None = None) -> httpx.Response:
+        headers = {"x-shoal-strategy": strategy} if strategy else {}
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 1}
+        return self.loop.run_until_complete(
+            self.client.post("/v1/completions", json=body, headers=headers)
+        )
+
+    def prefix_blocks(self, strategy: str, kind: str = "prompt") -> float:
+        text = self.loop.run_until_complete(self.client.get("/metrics")).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "shoal_router_prefix_blocks_total" and sample.labels == {
+                    "strategy": strategy,
+                    "kind": kind,
+                }:
+                    return sample.value
+        return 0.0
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.client.aclose())
+        self.loop.run_until_complete(self._lifespan.__aexit__(None, None, None))
+        self.loop.close()
+
+
+@pytest.fixture
+def router(request: pytest.FixtureRequest) -> Iterator[Router]:
+    strategy, tokenize_prompts = request.param
+    r = Router(strategy, tokenize_prompts)
+    yield r
+    r.close()
+
+
+@pytest.mark.parametrize("router", [("round-robin", "auto")], indirect=True)
+def test_round_robin_routes_without_tokenizing_and_a_prefix_override_tokenizes(
+    router: Router,
+) -> None:
+    for _ in range(3):
+        assert router.complete(PROMPT).status_code == 200
+    assert router.tokenizers.encoded == 0
+    assert router.prefix_blocks("round-robin") == 0  # no estimate without the prompt's blocks
+    # A request that asks for prefix routing reads its blocks: it is tokenized and estimated.
+    assert router.complete(PROMPT, strategy="prefix").status_code == 200
+    assert router.tokenizers.encoded == 1
+    assert router.prefix_blocks("prefix") == 2
+
+
+@pytest.mark.parametrize("router", [("round-robin", "always")], indirect=True)
+def test_tokenize_prompts_always_keeps_every_decision_in_the_prefix_history(
+    router: Router,
+) -> None:
+    for _ in range(3):
+        assert router.complete(PROMPT).status_code == 200
+    assert router.tokenizers.encoded == 3
+    assert router.prefix_blocks("round-robin") == 6
+    # The history holds round-robin's decisions: each endpoint it chose has the prompt's blocks.
+    index = router.app.state.router.approx_index
+    assert len(index) > 0
+    assert router.complete(PROMPT, strategy="prefix").status_code == 200
+    assert router.prefix_blocks("prefix") == 2
+    # Both blocks were estimated held where the prefix request went.
+    assert router.prefix_blocks("prefix", kind="matched") == 2
+
+
+@pytest.mark.parametrize("router", [("prefix", "auto")], indirect=True)
+def test_prefix_strategy_tokenizes_every_prompt(router: Router) -> None:
+    for _ in range(2):
+        assert router.complete(PROMPT).status_code == 200
+    assert router.tokenizers.encoded == 2
+    assert router.prefix_blocks("prefix") == 4
+
+
+def test_pipelines_read_prompt_tokens_exactly_when_a_scorer_does() -> None:
+    deps: dict[str, Any] = {
+        "approx_index": ApproxPrefixIndex(100, 60.0),
+        "kv_index": KvEventIndex(100),
+        "sessions": SessionTable(100),
+    }
+    reads = {name: build_pipeline(name, **deps).reads_prompt_tokens for name in STRATEGIES}
+    assert reads == {
+        "random": False,
+        "round-robin": False,
+        "least-request": False,
+        "least-kv": False,
+        "power-of-two": False,
+        "prefix": True,
+        "kv-aware": True,
+        "session": False,
+    }
+    # A weight override that adds in-flight-tokens makes a pipeline read token counts; one that
+    # removes the prefix scorer makes it stop.
+    added = build_pipeline("least-request", weights={"in-flight-tokens": 1.0}, **deps)
+    assert added.reads_prompt_tokens
+    removed = build_pipeline("prefix", weights={"approx-prefix": 0.0}, **deps)
+    assert not removed.reads_prompt_tokens
+
+
+def test_an_untokenized_prompt_has_an_estimated_length_and_tokenizing_makes_it_exact() -> None:
+
+    tokenizers = SimTokenizers()
+    raw = b'{"model": "tiny", "prompt": "' + PROMPT.encode() + b'"}'
+    parsed = parse_body(raw, "completions", tokenizers.for_model, tokenize=False)
+    assert parsed.prompt_token_ids == []
+    assert parsed.prompt_tokens == round(len(PROMPT) / CHARS_PER_TOKEN)
+    tokenize_prompt(parsed, tokenizers.for_model("tiny"))
+    assert parsed.prompt_tokens == 40
+    assert (
+        parsed.prompt_token_ids
+        == parse_body(raw, "completions", tokenizers.for_model).prompt_token_ids
+    )
+    # Token-id prompts need no tokenizer: their length is exact either way.
+    ids = parse_body(b'{"model": "tiny", "prompt": [5, 6, 7]}', "completions",
+                     tokenizers.for_model, tokenize=False)  # fmt: skip
+    assert (ids.prompt_token_ids, ids.prompt_tokens) == ([5, 6, 7], 3)

@@ -1,23 +1,18 @@
 """The router tokenizes a prompt only when its routing reads the tokens (``tokenize_prompts:
-auto``), or always when configured to. The router runs in-process with its real lifespan; its two
-engines are a stub ASGI app reached through an ``httpx.ASGITransport``."""
+auto``), or always when configured to; run in-process over two stub engines
+(``inprocess_router``)."""
 
 from __future__ import annotations
 
-import asyncio
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import httpx
 import pytest
+from inprocess_router import InProcessRouter
 from prometheus_client.parser import text_string_to_metric_families
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
 
-from shoal.router.app import create_router_app
-from shoal.router.config import RouterConfig
 from shoal.router.kv_index import KvEventIndex
 from shoal.router.prefix_index import ApproxPrefixIndex
 from shoal.router.proxy import (
@@ -30,36 +25,8 @@ from shoal.router.proxy import (
 from shoal.router.scorers import SessionTable
 from shoal.router.strategies import STRATEGIES, build_pipeline
 
-METRICS = (
-    'vllm:num_requests_running{engine="0",model_name="tiny"} 0.0\n'
-    'vllm:num_requests_waiting{engine="0",model_name="tiny"} 0.0\n'
-    'vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.0\n'
-    'vllm:cache_config_info{block_size="16",engine="0"} 1.0\n'
-)
 # 40 words: 2 full blocks of 16 tokens with the simulator's word-level tokenizer.
 PROMPT = " ".join(f"w{i}" for i in range(40))
-
-
-async def _metrics(request: Request) -> Response:
-    return PlainTextResponse(METRICS)
-
-
-async def _models(request: Request) -> Response:
-    return JSONResponse({"data": [{"id": "tiny", "root": "tiny", "parent": None}]})
-
-
-async def _complete(request: Request) -> Response:
-    await request.body()
-    return JSONResponse({"choices": [{"text": "ok"}], "usage": {"completion_tokens": 1}})
-
-
-ENGINE = Starlette(
-    routes=[
-        Route("/metrics", _metrics),
-        Route("/v1/models", _models),
-        Route("/v1/completions", _complete, methods=["POST"]),
-    ]
-)
 
 
 class CountingTokenizers:
@@ -86,43 +53,26 @@ class _Counting:
         return self._inner.chat_prompt(messages)
 
 
-class Router:
-    def __init__(self, strategy: str, tokenize_prompts: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        config = RouterConfig.from_mapping(
-            {
-                "endpoints": [{"url": "http://engine-a"}, {"url": "http://engine-b"}],
-                "kv_events": "off",
-                "strategy": strategy,
-                "tokenize_prompts": tokenize_prompts,
-            }
-        )
-        self.tokenizers = CountingTokenizers()
-        upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=ENGINE))
-        self.app = create_router_app(config, tokenizers=self.tokenizers, http_client=upstream)
-        self._lifespan = self.app.router.lifespan_context(self.app)
-        self.loop.run_until_complete(self._lifespan.__aenter__())
-        self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=self.app), base_url="http://router"
-        )
-        self.loop.run_until_complete(self._until_ready())
+class Router(InProcessRouter):
+    """The in-process router over two stub engines, counting the prompts it tokenizes."""
 
-    async def _until_ready(self) -> None:
-        for _ in range(200):
-            if (await self.client.get("/v1/models")).json()["data"]:
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError("router never saw the stub engines")
+    def __init__(self, strategy: str, tokenize_prompts: str) -> None:
+        self.tokenizers = CountingTokenizers()
+        config = {
+            "endpoints": [{"url": "http://engine-a"}, {"url": "http://engine-b"}],
+            "kv_events": "off",
+            "strategy": strategy,
+            "tokenize_prompts": tokenize_prompts,
+        }
+        super().__init__(config, tokenizers=self.tokenizers)
 
     def complete(self, prompt: str, strategy: str | None = None) -> httpx.Response:
         headers = {"x-shoal-strategy": strategy} if strategy else {}
-        body = {"model": "tiny", "prompt": prompt, "max_tokens": 1}
-        return self.loop.run_until_complete(
-            self.client.post("/v1/completions", json=body, headers=headers)
-        )
+        body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 1}).encode()
+        return self.post("/v1/completions", body, headers)
 
     def prefix_blocks(self, strategy: str, kind: str = "prompt") -> float:
-        text = self.loop.run_until_complete(self.client.get("/metrics")).text
+        text = self.get("/metrics").text
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == "shoal_router_prefix_blocks_total" and sample.labels == {
@@ -131,11 +81,6 @@ class Router:
                 }:
                     return sample.value
         return 0.0
-
-    def close(self) -> None:
-        self.loop.run_until_complete(self.client.aclose())
-        self.loop.run_until_complete(self._lifespan.__aexit__(None, None, None))
-        self.loop.close()
 
 
 @pytest.fixture

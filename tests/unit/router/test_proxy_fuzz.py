@@ -6,50 +6,16 @@ the router's own HTTP client (an ``httpx.ASGITransport``), so no process or port
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
-import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from inprocess_router import InProcessRouter
+from starlette.responses import Response
 
-from shoal.router.app import build_components, create_router_app
+from shoal.router.app import build_components
 from shoal.router.config import RouterConfig
-
-METRICS = (
-    'vllm:num_requests_running{engine="0",model_name="tiny"} 0.0\n'
-    'vllm:num_requests_waiting{engine="0",model_name="tiny"} 0.0\n'
-    'vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.0\n'
-    'vllm:cache_config_info{block_size="16",engine="0"} 1.0\n'
-)
-
-
-async def _metrics(request: Request) -> Response:
-    return PlainTextResponse(METRICS)
-
-
-async def _models(request: Request) -> Response:
-    return JSONResponse({"data": [{"id": "tiny", "root": "tiny", "parent": None}]})
-
-
-async def _complete(request: Request) -> Response:
-    await request.body()
-    return JSONResponse({"choices": [{"text": "ok"}], "usage": {"completion_tokens": 1}})
-
-
-ENGINE = Starlette(
-    routes=[
-        Route("/metrics", _metrics),
-        Route("/v1/models", _models),
-        Route("/v1/completions", _complete, methods=["POST"]),
-        Route("/v1/chat/completions", _complete, methods=["POST"]),
-    ]
-)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -79,44 +45,14 @@ headers = st.dictionaries(
 )
 
 
-class RouterHarness:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        config = RouterConfig.from_mapping(
-            {"endpoints": [{"url": "http://engine"}], "max_body_bytes": 4096, "kv_events": "off"}
-        )
-        # The router's upstream traffic goes to the stub engine, in-process.
-        upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=ENGINE))
-        self.app = create_router_app(config, http_client=upstream)
-        self._lifespan = self.app.router.lifespan_context(self.app)
-        self.loop.run_until_complete(self._lifespan.__aenter__())
-        self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=self.app), base_url="http://router"
-        )
-        self.loop.run_until_complete(self._until_ready())
-
-    async def _until_ready(self) -> None:
-        for _ in range(200):
-            if (await self.client.get("/v1/models")).json()["data"]:
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError("router never saw the stub engine")
-
-    def post(self, path: str, body: bytes, hdrs: dict[str, str]) -> httpx.Response:
-        return self.loop.run_until_complete(self.client.post(path, content=body, headers=hdrs))
-
-    def close(self) -> None:
-        self.loop.run_until_complete(self.client.aclose())
-        self.loop.run_until_complete(self._lifespan.__aexit__(None, None, None))
-        self.loop.close()
-
-
 HARNESS: dict[str, Any] = {}
 
 
-def _harness() -> RouterHarness:
+def _harness() -> InProcessRouter:
     if "h" not in HARNESS:
-        HARNESS["h"] = RouterHarness()
+        HARNESS["h"] = InProcessRouter(
+            {"endpoints": [{"url": "http://engine"}], "max_body_bytes": 4096, "kv_events": "off"}
+        )
     return HARNESS["h"]  # type: ignore[no-any-return]
 
 
@@ -162,4 +98,4 @@ def test_a_bug_in_the_gateway_answers_an_openai_shaped_500_and_the_router_keeps_
     assert resp.json()["error"]["type"] == "internal_server_error"
     assert h.post("/v1/completions", b'{"model":"tiny","prompt":"hi"}', {}).status_code == 200
     # Other methods on the proxied paths still get the framework's answer.
-    assert h.loop.run_until_complete(h.client.get("/v1/completions")).status_code == 405
+    assert h.get("/v1/completions").status_code == 405

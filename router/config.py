@@ -150,13 +150,13 @@ class RouterConfig(_Strict):
     # engines, with each model's tokenizer files (tokenizer.json, tokenizer_config.json) in a
     # local directory, mapped per model root in tokenizer_dirs (router/hf_tokenizer.py).
     tokenizer: Literal["sim", "hf"] = "sim"
+    tokenizer_dirs: dict[str, str] = Field(default_factory=dict)
     # "auto": a prompt is tokenized only when its routing reads the tokens (the prefix and
     # in-flight-tokens scorers); other strategies estimate its length from its characters.
     # "always": every prompt, so that every decision enters the approximate prefix history and
     # the estimated prefix hit ratio covers every strategy, at about 20% more router CPU per
     # request for strategies that would not read them.
     tokenize_prompts: Literal["auto", "always"] = "auto"
-    tokenizer_dirs: dict[str, str] = Field(default_factory=dict)
     default_block_size: int = Field(default=16, ge=1)
     prefix_index_max_entries: int = Field(default=500_000, ge=2)
     prefix_ttl_s: float = Field(default=600.0, gt=0)

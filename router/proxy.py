@@ -185,19 +185,21 @@ class ParsedBody:
     # Exact once tokenized (beyond MAX_TOKENIZED_CHARS extrapolated); until then estimated from
     # the prompt's characters (CHARS_PER_TOKEN).
     prompt_tokens: int
+    # The model's tokenizer, which rendered a chat prompt and tokenize_prompt encodes with.
+    tokenizer: PromptTokenizer
     # A text prompt (chat: rendered with the model's template) not yet tokenized; None once
     # tokenized, or when the prompt came as token ids.
     prompt_text: str | None = None
     add_special_tokens: bool = False
 
 
-def tokenize_prompt(parsed: ParsedBody, tokenizer: PromptTokenizer) -> None:
+def tokenize_prompt(parsed: ParsedBody) -> None:
     """Fill in the prompt's token ids and exact length (no-op when there is no text left)."""
     text = parsed.prompt_text
     if text is None:
         return
     head = text[:MAX_TOKENIZED_CHARS]
-    ids = tokenizer.encode(head, add_special_tokens=parsed.add_special_tokens)
+    ids = parsed.tokenizer.encode(head, add_special_tokens=parsed.add_special_tokens)
     prompt_tokens = len(ids)
     if len(text) > len(head):
         # Roughly as many tokens per character as the part we did tokenize.
@@ -312,10 +314,11 @@ def parse_body(
         prompt_tokens=len(ids),
         prompt_text=text,
         add_special_tokens=add_special_tokens,
+        tokenizer=tokenizer,
     )
     if text is not None:
         if tokenize:
-            tokenize_prompt(parsed, tokenizer)
+            tokenize_prompt(parsed)
         else:
             parsed.prompt_tokens = max(1, round(len(text) / CHARS_PER_TOKEN))
     return parsed
@@ -661,7 +664,7 @@ class Gateway:
         # request: done only when the pipeline reads the tokens (prefix scorers, in-flight
         # tokens) or the configuration asks for every request's prefix history.
         if self.config.tokenize_prompts == "always" or pipeline.reads_prompt_tokens:
-            tokenize_prompt(parsed, self._tokenizer_for(parsed.model))
+            tokenize_prompt(parsed)
         session = headers.get(SESSION_HEADER) or parsed.user
         expected = (
             parsed.max_tokens

@@ -156,13 +156,12 @@ def test_pipelines_read_prompt_tokens_exactly_when_a_scorer_does() -> None:
 
 
 def test_an_untokenized_prompt_has_an_estimated_length_and_tokenizing_makes_it_exact() -> None:
-
     tokenizers = SimTokenizers()
     raw = b'{"model": "tiny", "prompt": "' + PROMPT.encode() + b'"}'
     parsed = parse_body(raw, "completions", tokenizers.for_model, tokenize=False)
     assert parsed.prompt_token_ids == []
     assert parsed.prompt_tokens == round(len(PROMPT) / CHARS_PER_TOKEN)
-    tokenize_prompt(parsed, tokenizers.for_model("tiny"))
+    tokenize_prompt(parsed)
     assert parsed.prompt_tokens == 40
     assert (
         parsed.prompt_token_ids

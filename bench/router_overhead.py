@@ -154,7 +154,7 @@ def main() -> int:
     ap.add_argument(
         "--routers",
         default="shoal:round-robin,shoal:round-robin?scrape_interval_max_ms=200,"
-        "shoal:round-robin?tokenize_prompts=always,sglang:round_robin,vllm:round_robin",
+        "shoal:round-robin?http_server=uvicorn,sglang:round_robin,vllm:round_robin",
         help="impl:policy, comma-separated; Shoal takes config keys: shoal:policy?key=value",
     )
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md")
@@ -311,10 +311,10 @@ def render(
         "backs off to 800 ms while the engine is calm (router/scrape_cadence.py); on this "
         "benchmark's engines (no queue, load all the router's own) it backs off. The row with "
         "`scrape_interval_max_ms 200` scrapes every 200 ms throughout, to show what the cadence "
-        "saves. Shoal's round-robin does not tokenize prompts (`tokenize_prompts: auto`: only "
-        "strategies that read the tokens do); the row with `tokenize_prompts always` tokenizes "
-        "and hashes every prompt to keep the approximate prefix history for every decision, as "
-        "every strategy did before. "
+        "saves. Shoal serves HTTP with its own server (router/http_server.py); the row with "
+        "`http_server uvicorn` serves the same app with uvicorn, as Shoal did before. Shoal's "
+        "round-robin does not tokenize prompts (`tokenize_prompts: auto`: only strategies that "
+        "read the tokens do). "
         "Shoal's round-robin does not subscribe to the engines' KV events (`kv_events: "
         "off`), as vllm-router is given event sources only for `kv_aware`. The client, the "
         "engines and the "

@@ -1,4 +1,4 @@
-"""``shoal router``: flags, config file, and serving the app with uvicorn.
+"""``shoal router``: flags, config file, and serving the app (router/http_server.py).
 
 Flags override the ``--config`` YAML file, which overrides the defaults (``RouterConfig``).
 """
@@ -101,6 +101,8 @@ def run_router(args: argparse.Namespace) -> int:
     import uvicorn
 
     from shoal.router.app import create_router_app
+    from shoal.router.http_server import ServerLimits
+    from shoal.router.http_server import run as serve
     from shoal.router.server_protocol import RouterHttpProtocol
 
     try:
@@ -122,16 +124,27 @@ def run_router(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level=config.log_level.lower(),
-        access_log=False,
-        loop="auto",
-        http=RouterHttpProtocol,
-        # The router reads no client address (tenants come from keys or headers), so it skips
-        # uvicorn's X-Forwarded-For rewriting, one more layer around every request.
-        proxy_headers=False,
+    if config.http_server == "uvicorn":
+        uvicorn.run(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level.lower(),
+            access_log=False,
+            loop="auto",
+            http=RouterHttpProtocol,
+            timeout_keep_alive=int(config.keep_alive_s),
+            timeout_graceful_shutdown=int(config.graceful_shutdown_s),
+            # The router reads no client address (tenants come from keys or headers), so it
+            # skips uvicorn's X-Forwarded-For rewriting, one more layer around every request.
+            proxy_headers=False,
+        )
+        return 0
+    limits = ServerLimits(
+        max_head_bytes=config.max_head_bytes,
+        keep_alive_s=config.keep_alive_s,
+        graceful_shutdown_s=config.graceful_shutdown_s,
     )
+    if not serve(app, config.host, config.port, limits):
+        return 1
     return 0

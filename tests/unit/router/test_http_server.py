@@ -139,6 +139,7 @@ def test_keep_alive_serves_requests_in_turn_with_length_and_date() -> None:
                 head, body = await read_response(reader)
                 assert head.startswith(b"HTTP/1.1 200 OK\r\n")
                 assert b"\r\ndate: " in head and b"connection: close" not in head
+                assert head.count(b"content-length:") == 1
                 assert json.loads(body) == {"len": 5, "method": "POST", "q": f"i={i}"}
             writer.close()
 
@@ -349,5 +350,29 @@ def test_a_failed_startup_stops_the_server_before_it_listens() -> None:
         app.fail_startup = True
         server = HttpServer(app)
         assert await asyncio.wait_for(server.serve(HOST, 0), 5) is False
+
+    run(test)
+
+
+def test_an_upgrade_request_is_answered_in_http_1_1_with_its_body_then_closed() -> None:
+    """``curl --http2`` on http:// asks for h2c with its POST body in the same request; the
+    router speaks HTTP/1.1 only, so it answers that request as such (the body included) and
+    closes the connection."""
+
+    async def test() -> None:
+        async with serving() as (_, port, _app):
+            reader, writer = await asyncio.open_connection(HOST, port)
+            writer.write(
+                b"POST /echo HTTP/1.1\r\nhost: x\r\nconnection: Upgrade, HTTP2-Settings\r\n"
+                b"upgrade: h2c\r\nhttp2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+                b"content-length: 10\r\n\r\nhello"
+            )
+            await asyncio.sleep(0.05)
+            writer.write(b"world")  # the rest of the body, in a later packet
+            head, body = await read_response(reader)
+            assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" in head
+            assert json.loads(body)["len"] == 10
+            assert await asyncio.wait_for(reader.read(), 2) == b""
+            writer.close()
 
     run(test)

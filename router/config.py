@@ -134,8 +134,9 @@ class RouterConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     log_level: str = "INFO"
-    # The HTTP server: Shoal's own (router/http_server.py, about 8% less CPU per request)
-    # or uvicorn, serving the same ASGI app.
+    # The HTTP server: Shoal's own (router/http_server.py) or uvicorn, serving the same ASGI
+    # app. Their CPU per request is within noise of each other (docs/benchmarks.md); Shoal's
+    # makes the limits below explicit and answers malformed HTTP with OpenAI-shaped errors.
     http_server: Literal["shoal", "uvicorn"] = "shoal"
     keep_alive_s: float = Field(default=5.0, gt=0)  # an idle client connection closes after this
     max_head_bytes: int = Field(default=64 * 1024, ge=1024)  # request line + headers; more: 431

@@ -98,12 +98,9 @@ def run_router(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    import uvicorn
-
     from shoal.router.app import create_router_app
     from shoal.router.http_server import ServerLimits
     from shoal.router.http_server import run as serve
-    from shoal.router.server_protocol import RouterHttpProtocol
 
     try:
         app = create_router_app(config)
@@ -125,6 +122,10 @@ def run_router(args: argparse.Namespace) -> int:
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
     if config.http_server == "uvicorn":
+        import uvicorn
+
+        from shoal.router.server_protocol import RouterHttpProtocol
+
         uvicorn.run(
             app,
             host=config.host,

@@ -47,8 +47,10 @@ from typing import Any, cast
 from urllib.parse import unquote
 
 import httptools
+import orjson
 from starlette.types import ASGIApp, Message
 
+from shoal.router.errors import error_body
 from shoal.router.server_protocol import (
     DISCONNECT_EXTENSION,
     CoalescedWrites,
@@ -111,12 +113,9 @@ class _DateHeader:
 _DATE = _DateHeader()
 
 
-def _error_response(status: int, message: str) -> bytes:
-    """A whole response, OpenAI-shaped, for a request the server rejects before the app."""
-    body = (
-        b'{"error":{"message":"%s","type":"invalid_request_error","param":null,"code":null}}'
-        % message.replace("\\", "\\\\").replace('"', '\\"').encode("latin-1", "replace")
-    )
+def _error_response(status: int, message: str, type_: str = "invalid_request_error") -> bytes:
+    """A whole response, OpenAI-shaped, for a request the server answers without the app."""
+    body = orjson.dumps(error_body(status, message, type_))
     return (
         _status_line(status)
         + _DATE.line()
@@ -429,14 +428,8 @@ class HttpConnection(asyncio.Protocol):
             self._pause_reading()
 
     def on_body(self, body: bytes) -> None:
-        exchange = self._parsing
-        if exchange is None:
-            return
-        exchange.body.append(body)
-        exchange.buffered += len(body)
-        if exchange.buffered > BODY_BUFFER_BYTES:
-            self._pause_reading()
-        exchange.wake()
+        if self._parsing is not None:
+            self._add_body(self._parsing, body)
 
     def on_message_complete(self) -> None:
         exchange = self._parsing
@@ -477,13 +470,19 @@ class HttpConnection(asyncio.Protocol):
             return  # the upgraded protocol's bytes: ignored, the connection closes soon
         take = data[: self._raw_left]
         self._raw_left -= len(take)
-        if take:
-            exchange.body.append(take)
-            exchange.buffered += len(take)
         if self._raw_left == 0:
             exchange.request_complete = True
             self._pause_reading()
-        elif exchange.buffered > BODY_BUFFER_BYTES:
+        if take:
+            self._add_body(exchange, take)
+        else:
+            exchange.wake()
+
+    def _add_body(self, exchange: _Exchange, chunk: bytes) -> None:
+        """Buffer body bytes for the app; stop reading while too many wait for it."""
+        exchange.body.append(chunk)
+        exchange.buffered += len(chunk)
+        if exchange.buffered > BODY_BUFFER_BYTES:
             self._pause_reading()
         exchange.wake()
 
@@ -525,7 +524,9 @@ class HttpConnection(asyncio.Protocol):
             return
         if not exchange.started:
             log.error("the app ended without a response to %s", exchange.scope["path"])
-            self.transport.write(_error_response(500, "internal router error"))
+            self.transport.write(
+                _error_response(500, "internal router error", "internal_server_error")
+            )
             exchange.done = True
         # A response cut short: closing is how the client learns that it is incomplete.
         self.serving = None

@@ -36,6 +36,7 @@ from shoal.router.api_keys import ApiKeyTable
 from shoal.router.catalog import DeclaredCatalog
 from shoal.router.config import RouterConfig, priority_from_name
 from shoal.router.engine_state import EngineStateStore
+from shoal.router.errors import ApiError
 from shoal.router.holding import HoldFull, HoldQueue, HoldTimeout, NoLongerDeclared
 from shoal.router.kv_index import KvEventIndex
 from shoal.router.metrics import CONTENT_TYPE, RouterMetrics
@@ -75,42 +76,6 @@ _DROP_RESPONSE_HEADERS = frozenset(
 
 # Inference paths the gateway proxies, and the request kind each body is parsed as.
 PROXY_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
-
-
-class ApiError(Exception):
-    """An error answered to the client in OpenAI's shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        retry_after_s: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.param = param
-        self.code = code
-        self.retry_after_s = retry_after_s
-
-    def response(self) -> Response:
-        headers = {}
-        if self.retry_after_s is not None:
-            headers["retry-after"] = str(self.retry_after_s)
-        body = {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code if self.code is not None else self.status,
-            }
-        }
-        return JSONResponse(body, status_code=self.status, headers=headers)
 
 
 class PromptTokenizer(Protocol):

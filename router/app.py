@@ -33,7 +33,7 @@ from shoal.router.kv_subscriber import KvEventSubscriber
 from shoal.router.metrics import EndpointView, RouterMetrics
 from shoal.router.pipeline import FallbackRecorder
 from shoal.router.prefix_index import ApproxPrefixIndex
-from shoal.router.proxy import PROXY_KINDS, Gateway, SimTokenizers, TokenizerProvider
+from shoal.router.proxy import Gateway, SimTokenizers, TokenizerProvider
 from shoal.router.scorers import SessionTable
 from shoal.router.scrape_cadence import ScrapeCadence
 from shoal.router.scraper import ScraperPool
@@ -269,11 +269,13 @@ async def _sweep(c: RouterComponents) -> None:
 
 class RouterApp(Starlette):
     """The router's ASGI app: inference requests go straight to the gateway (its hot path);
-    everything else (models, health, metrics, lifespan) through Starlette as usual."""
+    everything else (models, health, metrics, lifespan) through Starlette as usual. Shoal's
+    own HTTP server skips ASGI for the inference routes too (``direct_route``)."""
 
     def __init__(self, gateway: Gateway, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.gateway = gateway
+        self.direct_route = gateway.direct_route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and await self.gateway.serve(scope, receive, send):
@@ -331,8 +333,6 @@ def create_router_app(
     app = RouterApp(
         g,
         routes=[
-            # Kept for the framework's 405 on other methods; POSTs never reach them.
-            *(Route(path, g.proxy_route, methods=["POST"]) for path in PROXY_KINDS),
             Route("/v1/models", g.models, methods=["GET"]),
             Route("/health", g.health, methods=["GET"]),
             Route("/metrics", g.metrics_endpoint, methods=["GET"]),

@@ -3,9 +3,13 @@ gateway raises it (:class:`ApiError`) or the HTTP server refuses a request befor
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-from starlette.responses import JSONResponse, Response
+import orjson
+
+if TYPE_CHECKING:
+    from shoal.router.exchange import HttpExchange
 
 
 def error_body(
@@ -34,6 +38,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after_s: int | None = None,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -42,10 +47,23 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.retry_after_s = retry_after_s
+        self.extra_headers = dict(extra_headers or {})
 
-    def response(self) -> Response:
-        headers = {}
+    def _rendered(self) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        body = orjson.dumps(
+            error_body(self.status, self.message, self.type, param=self.param, code=self.code)
+        )
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
         if self.retry_after_s is not None:
-            headers["retry-after"] = str(self.retry_after_s)
-        body = error_body(self.status, self.message, self.type, param=self.param, code=self.code)
-        return JSONResponse(body, status_code=self.status, headers=headers)
+            headers.append((b"retry-after", str(self.retry_after_s).encode()))
+        for name, value in self.extra_headers.items():
+            headers.append((name.encode("latin-1"), value.encode("latin-1")))
+        return headers, body
+
+    async def send_to(self, exchange: HttpExchange) -> None:
+        headers, body = self._rendered()
+        await exchange.start_response(self.status, headers)
+        await exchange.write_body(body, more=False)

@@ -7,7 +7,9 @@ routing. Measured side by side (docs/benchmarks.md), the router's CPU per reques
 server was 0.03 ms lower to 0.01 ms higher than under uvicorn across four comparisons: within
 noise, because the ASGI call pattern itself costs the same under both. What it adds is control:
 every limit below is the router's own and explicit, malformed HTTP gets an OpenAI-shaped error,
-and a later direct (non-ASGI) path for the inference routes can be built on it. It does only
+and the inference routes skip ASGI: ``direct`` names, by method and path, the requests whose
+handler takes the :class:`_Exchange` itself as an :class:`~shoal.router.exchange.HttpExchange`
+(body read once, response head and body written without message dictionaries). It does only
 what the router needs:
 
 - HTTP/1.1 and 1.0, keep-alive, pipelined requests answered in order (reading pauses while a
@@ -27,8 +29,9 @@ what the router needs:
   in flight finish for up to :attr:`ServerLimits.graceful_shutdown_s`, then the app's lifespan
   shutdown. A second signal cancels what is left at once.
 
-The app, the routes and the tests that call the app in-process are unchanged: this is an ASGI
-server, lean. ``http_server: uvicorn`` in the router's config serves the same app with uvicorn.
+Everything else (``/v1/models``, ``/health``, ``/metrics``, the lifespan) is the ASGI app's, and
+tests that call the app in-process reach the same gateway through ASGI. ``http_server:
+uvicorn`` in the router's config serves the same app with uvicorn, all of it through ASGI.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import logging
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import unquote
@@ -51,6 +54,7 @@ import orjson
 from starlette.types import ASGIApp, Message
 
 from shoal.router.errors import error_body
+from shoal.router.exchange import BodyTooLarge, ClientGone, Headers
 from shoal.router.server_protocol import (
     DISCONNECT_EXTENSION,
     CoalescedWrites,
@@ -63,6 +67,10 @@ log = logging.getLogger(__name__)
 BODY_BUFFER_BYTES = 256 * 1024
 _ASGI = {"version": "3.0", "spec_version": "2.4"}
 _NO_BODY_STATUS = frozenset({204, 304})
+
+# A request the app answers without ASGI: its handler, by method and path (None: the ASGI app).
+DirectHandler = Callable[["_Exchange"], Awaitable[None]]
+DirectRoutes = Callable[[str, str], DirectHandler | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +134,8 @@ def _error_response(status: int, message: str, type_: str = "invalid_request_err
 
 
 class _Exchange:
-    """One request and its response: the ASGI ``receive`` and ``send`` of one app call."""
+    """One request and its response: the ASGI ``receive`` and ``send`` of one app call, or the
+    same as an :class:`~shoal.router.exchange.HttpExchange` for a direct handler."""
 
     __slots__ = (
         "body",
@@ -141,8 +150,8 @@ class _Exchange:
         "keep_alive",
         "remaining",
         "request_complete",
+        "response_started",
         "scope",
-        "started",
         "waiter",
     )
 
@@ -163,7 +172,7 @@ class _Exchange:
         self.request_complete = False
         self.body_delivered = False
         self.waiter: asyncio.Future[None] | None = None
-        self.started = False
+        self.response_started = False
         self.done = False
         self.chunked = False
         self.head_only = scope["method"] == "HEAD"
@@ -183,106 +192,151 @@ class _Exchange:
         finally:
             self.waiter = None
 
-    async def receive(self) -> Message:
+    async def _next_body(self) -> bytes | None:
+        """The body bytes that came so far (waiting for some), or None if the client left
+        before the body's end; ``body_delivered`` once the last bytes are taken."""
         conn = self.conn
-        if not self.body_delivered:
-            if self.expect_continue and not self.continue_sent and not self.body:
-                self.continue_sent = True
-                if not self.request_complete and not conn.lost:
-                    conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            while not self.body and not self.request_complete and not conn.lost:
-                await self._wait()
-            if conn.lost and not self.request_complete:
-                return {"type": "http.disconnect"}
-            data = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-            self.body.clear()
-            self.buffered = 0
-            conn.body_taken()
-            if self.request_complete:
-                self.body_delivered = True
-            return {"type": "http.request", "body": data, "more_body": not self.request_complete}
-        # The body is delivered: what comes next is the client leaving or the response ending.
-        while not conn.lost and not self.done:
+        if self.expect_continue and not self.continue_sent and not self.body:
+            self.continue_sent = True
+            if not self.request_complete and not conn.lost:
+                conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        while not self.body and not self.request_complete and not conn.lost:
             await self._wait()
+        if conn.lost and not self.request_complete:
+            return None
+        data = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        self.body.clear()
+        self.buffered = 0
+        conn.body_taken()
+        if self.request_complete:
+            self.body_delivered = True
+        return data
+
+    async def receive(self) -> Message:
+        if not self.body_delivered:
+            data = await self._next_body()
+            if data is None:
+                return {"type": "http.disconnect"}
+            return {"type": "http.request", "body": data, "more_body": not self.body_delivered}
+        await self.disconnected()
         return {"type": "http.disconnect"}
+
+    # ---------------------------------------------------- the request side, without ASGI
+
+    @property
+    def method(self) -> str:
+        return str(self.scope["method"])
+
+    @property
+    def path(self) -> str:
+        return str(self.scope["path"])
+
+    @property
+    def headers(self) -> Headers:
+        return self.scope["headers"]  # type: ignore[no-any-return]
+
+    @property
+    def connection(self) -> ConnectionWatch:
+        return self.conn.watch
+
+    async def read_body(self, limit: int) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        while not self.body_delivered:
+            data = await self._next_body()
+            if data is None:
+                raise ClientGone
+            size += len(data)
+            if size > limit:
+                raise BodyTooLarge
+            parts.append(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def disconnected(self) -> None:
+        # The body is delivered: what comes next is the client leaving or the response ending.
+        while not self.conn.lost and not self.done:
+            await self._wait()
 
     # --------------------------------------------------------------- the response side
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
-        conn = self.conn
         if kind == "http.response.body":
-            if not self.started:
-                raise RuntimeError("http.response.body before http.response.start")
-            if self.done:
-                raise RuntimeError("http.response.body after the response ended")
-            if conn.lost:
-                return  # as uvicorn does: the gateway learns of the disconnect from its watch
-            body = message.get("body", b"")
-            more = message.get("more_body", False)
-            if self.head_only:
-                pass
-            elif self.chunked:
-                if body:
-                    conn.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
-                if not more:
-                    conn.transport.write(b"0\r\n\r\n")
-            elif body:
-                if self.remaining is not None:
-                    self.remaining -= len(body)
-                    if self.remaining < 0:
-                        raise RuntimeError("response body longer than its content-length")
-                conn.transport.write(body)
+            await self.write_body(message.get("body", b""), more=message.get("more_body", False))
+        elif kind == "http.response.start":
+            await self.start_response(message["status"], message.get("headers", ()))
+        else:
+            raise RuntimeError(f"unexpected ASGI message {kind!r}")
+
+    async def write_body(self, body: bytes, *, more: bool) -> None:
+        conn = self.conn
+        if not self.response_started:
+            raise RuntimeError("response body before the response's start")
+        if self.done:
+            raise RuntimeError("response body after the response ended")
+        if conn.lost:
+            return  # as uvicorn does: the gateway learns of the disconnect from its watch
+        if self.head_only:
+            pass
+        elif self.chunked:
+            if body:
+                conn.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
             if not more:
-                if self.remaining:
-                    self.keep_alive = False  # shorter than announced: the framing is broken
-                self.done = True
-                self.wake()
-                conn.response_complete(self)
-            elif conn.write_paused:
-                await conn.drain()
+                conn.transport.write(b"0\r\n\r\n")
+        elif body:
+            if self.remaining is not None:
+                self.remaining -= len(body)
+                if self.remaining < 0:
+                    raise RuntimeError("response body longer than its content-length")
+            conn.transport.write(body)
+        if not more:
+            if self.remaining:
+                self.keep_alive = False  # shorter than announced: the framing is broken
+            self.done = True
+            self.wake()
+            conn.response_complete(self)
+        elif conn.write_paused:
+            await conn.drain()
+
+    async def start_response(self, status: int, headers: Headers) -> None:
+        if self.response_started:
+            raise RuntimeError("response started twice")
+        self.response_started = True
+        conn = self.conn
+        if conn.lost:
             return
-        if kind == "http.response.start":
-            if self.started:
-                raise RuntimeError("http.response.start sent twice")
-            self.started = True
-            if conn.lost:
-                return
-            status: int = message["status"]
-            head = [_status_line(status), _DATE.line()]
-            length: int | None = None
-            for name, value in message.get("headers", ()):
-                lower = name.lower()
-                if lower == b"content-length":
-                    length = int(value)
-                    continue  # written below, once
-                elif lower == b"connection":
-                    if value.lower() == b"close":
-                        self.keep_alive = False
-                    continue  # written below, from what the server decided
-                elif lower == b"transfer-encoding":
-                    continue  # the server frames the body itself
-                head.append(b"%s: %s\r\n" % (name, value))
-            if status in _NO_BODY_STATUS or status < 200:
-                self.head_only = True
-            elif length is not None:
-                head.append(b"content-length: %d\r\n" % length)
-                self.remaining = length
-            elif self.head_only:
-                pass
-            elif self.scope["http_version"] == "1.1":
-                self.chunked = True
-                head.append(b"transfer-encoding: chunked\r\n")
-            else:
-                self.keep_alive = False  # HTTP/1.0 without a length: the close ends the body
-            if conn.closing:
-                self.keep_alive = False
-            if not self.keep_alive:
-                head.append(b"connection: close\r\n")
-            head.append(b"\r\n")
-            conn.transport.write(b"".join(head))
-            return
-        raise RuntimeError(f"unexpected ASGI message {kind!r}")
+        head = [_status_line(status), _DATE.line()]
+        length: int | None = None
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                length = int(value)
+                continue  # written below, once
+            elif lower == b"connection":
+                if value.lower() == b"close":
+                    self.keep_alive = False
+                continue  # written below, from what the server decided
+            elif lower == b"transfer-encoding":
+                continue  # the server frames the body itself
+            head.append(b"%s: %s\r\n" % (name, value))
+        if status in _NO_BODY_STATUS or status < 200:
+            self.head_only = True
+        elif length is not None:
+            head.append(b"content-length: %d\r\n" % length)
+            self.remaining = length
+        elif self.head_only:
+            pass
+        elif self.scope["http_version"] == "1.1":
+            self.chunked = True
+            head.append(b"transfer-encoding: chunked\r\n")
+        else:
+            self.keep_alive = False  # HTTP/1.0 without a length: the close ends the body
+        if conn.closing:
+            self.keep_alive = False
+        if not self.keep_alive:
+            head.append(b"connection: close\r\n")
+        head.append(b"\r\n")
+        conn.transport.write(b"".join(head))
 
 
 class HttpConnection(asyncio.Protocol):
@@ -522,7 +576,7 @@ class HttpConnection(asyncio.Protocol):
             if failed and not exchange.done:
                 self.close()
             return
-        if not exchange.started:
+        if not exchange.response_started:
             log.error("the app ended without a response to %s", exchange.scope["path"])
             self.transport.write(
                 _error_response(500, "internal router error", "internal_server_error")
@@ -562,9 +616,15 @@ class HttpConnection(asyncio.Protocol):
 class HttpServer:
     """Serves an ASGI app: lifespan, listening socket, connections, shutdown."""
 
-    def __init__(self, app: ASGIApp, limits: ServerLimits | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limits: ServerLimits | None = None,
+        direct: DirectRoutes | None = None,
+    ) -> None:
         self.app = app
         self.limits = limits or ServerLimits()
+        self.direct = direct
         self.loop = asyncio.get_running_loop()  # made inside the loop that serves
         self.connections: set[HttpConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -577,14 +637,21 @@ class HttpServer:
     # ------------------------------------------------------------------ requests
 
     def start_app(self, conn: HttpConnection, exchange: _Exchange) -> None:
-        task = self.loop.create_task(self._run_app(conn, exchange))
+        scope = exchange.scope
+        handler = self.direct(scope["method"], scope["path"]) if self.direct is not None else None
+        task = self.loop.create_task(self._run_app(conn, exchange, handler))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _run_app(self, conn: HttpConnection, exchange: _Exchange) -> None:
+    async def _run_app(
+        self, conn: HttpConnection, exchange: _Exchange, handler: DirectHandler | None
+    ) -> None:
         failed = False
         try:
-            await self.app(exchange.scope, exchange.receive, exchange.send)
+            if handler is not None:
+                await handler(exchange)
+            else:
+                await self.app(exchange.scope, exchange.receive, exchange.send)
         except asyncio.CancelledError:
             failed = True
             raise
@@ -721,8 +788,11 @@ def run(
     host: str,
     port: int,
     limits: ServerLimits | None = None,
+    *,
+    direct: DirectRoutes | None = None,
 ) -> bool:
-    """Serve ``app`` on ``host:port`` until SIGINT or SIGTERM, on uvloop when it is installed."""
+    """Serve ``app`` on ``host:port`` until SIGINT or SIGTERM, on uvloop when it is installed;
+    requests that ``direct`` names a handler for go to it instead of the app."""
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
         import uvloop
@@ -732,7 +802,7 @@ def run(
         pass
 
     async def main() -> bool:
-        server = HttpServer(app, limits)
+        server = HttpServer(app, limits, direct)
         return await server.serve(host, port)
 
     with asyncio.Runner(loop_factory=loop_factory) as runner:

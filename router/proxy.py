@@ -21,14 +21,14 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from shoal.hashing import block_hashes
 from shoal.router.admission import AdmissionController, Rejected
@@ -37,12 +37,13 @@ from shoal.router.catalog import DeclaredCatalog
 from shoal.router.config import RouterConfig, priority_from_name
 from shoal.router.engine_state import EngineStateStore
 from shoal.router.errors import ApiError
+from shoal.router.exchange import AsgiExchange, BodyTooLarge, ClientGone, HttpExchange
 from shoal.router.holding import HoldFull, HoldQueue, HoldTimeout, NoLongerDeclared
 from shoal.router.kv_index import KvEventIndex
 from shoal.router.metrics import CONTENT_TYPE, RouterMetrics
 from shoal.router.pipeline import RoutingPipeline
 from shoal.router.prefix_index import ApproxPrefixIndex
-from shoal.router.server_protocol import DISCONNECT_EXTENSION, ConnectionWatch
+from shoal.router.server_protocol import ConnectionWatch
 from shoal.router.shared_state import SharedState
 from shoal.router.strategies import PipelineSet, check_strategy
 from shoal.router.types import EndpointState, Priority, RoutingRequest
@@ -381,39 +382,46 @@ class Gateway:
                 )
         return JSONResponse({"object": "list", "data": data})
 
-    async def proxy_route(self, request: Request) -> Response:
-        """The inference routes as framework endpoints (``serve`` normally answers first)."""
-        path = request.url.path
-        return await self._handle(request, PROXY_KINDS[path], path)
+    def direct_route(
+        self, method: str, path: str
+    ) -> Callable[[HttpExchange], Awaitable[None]] | None:
+        """The handler of a request the gateway answers itself (the inference routes), for a
+        server that hands it over without ASGI (router/http_server.py); None for the others."""
+        return self.serve_exchange if path in PROXY_KINDS else None
 
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> bool:
-        """Answer a proxied request as a plain ASGI call; False if ``scope`` is not one.
+        """Answer an inference request as an ASGI call; False if ``scope`` is not one.
 
-        The two inference routes are every request's path through the router, so they skip
-        the web framework's routing and middleware layers (each wraps every ``send``). What
-        those layers add here is kept: an unexpected exception is logged and answered with
-        an OpenAI-shaped 500 when no byte of the response went out yet.
+        The inference routes are every request's path through the router, so they skip the
+        web framework's routing and middleware layers (each wraps every ``send``).
         """
-        kind = PROXY_KINDS.get(scope["path"]) if scope["method"] == "POST" else None
-        if kind is None:
+        if self.direct_route(scope["method"], scope["path"]) is None:
             return False
-        started = False
+        await self.serve_exchange(AsgiExchange(scope, receive, send))
+        return True
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
+    async def serve_exchange(self, exchange: HttpExchange) -> None:
+        """Answer one inference request. What a web framework would add is kept: an unexpected
+        exception is logged and answered with an OpenAI-shaped 500 when no byte of the
+        response went out yet."""
+        path = exchange.path
         try:
-            response = await self._handle(Request(scope, receive), kind, scope["path"])
-            await response(scope, receive, tracking_send)
+            if exchange.method != "POST":
+                response: GatewayResponse = ApiError(
+                    405,
+                    f"{path} takes POST, not {exchange.method}",
+                    "invalid_request_error",
+                    extra_headers={"allow": "POST"},
+                )
+            else:
+                response = await self._handle(exchange, PROXY_KINDS[path], path)
+            await response.send_to(exchange)
         except Exception:
-            log.exception("unexpected error serving %s", scope["path"])
-            if started:
+            log.exception("unexpected error serving %s", path)
+            if exchange.response_started:
                 raise  # the server closes the connection: a truncated response, not a hang
             error = ApiError(500, "internal router error", "internal_server_error")
-            await error.response()(scope, receive, send)
-        return True
+            await error.send_to(exchange)
 
     # ---------------------------------------------------------------------------- pieces
 
@@ -457,19 +465,17 @@ class Gateway:
         priority = grant.priority if asked is None else max(asked, grant.priority)
         return Identity(grant.tenant, priority, True)
 
-    async def _read_body(self, request: Request, headers: Mapping[str, str]) -> bytes:
+    async def _read_body(self, exchange: HttpExchange, headers: Mapping[str, str]) -> bytes:
         limit = self.config.max_body_bytes
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"request body exceeds {limit} bytes", "invalid_request_error")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"request body exceeds {limit} bytes", "invalid_request_error")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        try:
+            return await exchange.read_body(limit)
+        except BodyTooLarge:
+            raise ApiError(
+                413, f"request body exceeds {limit} bytes", "invalid_request_error"
+            ) from None
 
     def _no_endpoint(self, model: str, reason: str) -> ApiError:
         self.metrics.rejections.labels(model, reason).inc()
@@ -571,31 +577,30 @@ class Gateway:
 
     # ---------------------------------------------------------------------------- the proxy
 
-    async def _handle(self, request: Request, kind: str, path: str) -> Response:
+    async def _handle(self, exchange: HttpExchange, kind: str, path: str) -> GatewayResponse:
         started = self._clock()
-        headers = read_headers(request.scope["headers"])
+        headers = read_headers(exchange.headers)
         try:
             identity = self._identify(headers)
             try:
-                raw = await self._read_body(request, headers)
-            except ClientDisconnect:
-                return Response(status_code=499)
+                raw = await self._read_body(exchange, headers)
+            except ClientGone:
+                return CLIENT_LEFT
         except ApiError as err:
-            return err.response()
-        connection = request.scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
-        watch = DisconnectWatch(request.receive, asyncio.current_task(), connection)
+            return err
+        watch = DisconnectWatch(exchange.disconnected, asyncio.current_task(), exchange.connection)
         watch.guard(True)
-        response: Response | None = None
+        response: GatewayResponse | None = None
         try:
             response = await self._route(headers, raw, kind, path, identity, started, watch)
         except ApiError as err:
-            response = err.response()
+            response = err
         except asyncio.CancelledError:
             if not watch.absorb_cancellation():
                 raise  # the server is shutting down, not the client leaving
             # Ours: the client left before the engine answered.
             self.metrics.count_request(watch.model, watch.endpoint, "499")
-            response = Response(status_code=499)
+            response = CLIENT_LEFT
         finally:
             if not isinstance(response, PassthroughResponse):
                 await watch.close()  # a passthrough response closes it after its last byte
@@ -610,7 +615,7 @@ class Gateway:
         identity: Identity,
         started: float,
         watch: DisconnectWatch,
-    ) -> Response:
+    ) -> GatewayResponse:
         """Parse, admit and dispatch one request whose body has been read."""
         parsed = parse_body(raw, kind, self._tokenizer_for, self._default_model, tokenize=False)
         strategy = headers.get(STRATEGY_HEADER) or None
@@ -694,7 +699,7 @@ class Gateway:
         started: float,
         on_in_flight: Callable[[], None],
         watch: DisconnectWatch,
-    ) -> Response:
+    ) -> PassthroughResponse:
         base = rreq.base_model
         headers = self._upstream_headers(request_headers, identity)
         cost = parsed.prompt_tokens + rreq.expected_output_tokens
@@ -808,18 +813,19 @@ class DisconnectWatch:
     until the response's last byte: a non-streamed request spends its whole generation waiting
     for the engine's response headers, and a client that leaves then must abort it too.
 
-    Under Shoal's own server protocol the connection says when it is lost
-    (:class:`~shoal.router.server_protocol.ConnectionWatch`, in the scope's extensions). Under
-    any other ASGI server a task waits on ``receive()`` for ``http.disconnect`` (the body
-    reader owns ``receive`` before it). Servers also report a disconnect after a complete
-    response, so the task is cancelled only while it is guarded. ``task`` is the request's
+    Under Shoal's own servers the connection says when it is lost
+    (:class:`~shoal.router.server_protocol.ConnectionWatch`, the exchange's ``connection``).
+    Under any other ASGI server a task waits for the exchange's ``disconnected()`` (a
+    ``receive()`` of ``http.disconnect``; the body reader owns ``receive`` before it). Servers
+    also report a disconnect after a complete response, so the task is cancelled only while it
+    is guarded. ``task`` is the request's
     task, which serves the request from its body to its last byte (the response is sent from it
     too).
     """
 
     def __init__(
         self,
-        receive: Receive,
+        wait_disconnect: Callable[[], Awaitable[object]],
         task: asyncio.Task[Any] | None,
         connection: ConnectionWatch | None = None,
     ) -> None:
@@ -838,7 +844,7 @@ class DisconnectWatch:
             # Through the task's loop: asyncio.get_running_loop() costs a getpid() system call
             # per call on Python 3.11.
             loop = task.get_loop() if task is not None else asyncio.get_running_loop()
-            self._watcher = loop.create_task(self._watch(receive))
+            self._watcher = loop.create_task(self._watch(wait_disconnect))
 
     def guard(self, on: bool) -> None:
         """Cancel the request's task on disconnect (False: the response is complete)."""
@@ -851,12 +857,9 @@ class DisconnectWatch:
             self.cancelled_request = True
             self.task.cancel()
 
-    async def _watch(self, receive: Receive) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                self._client_left()
-                return
+    async def _watch(self, wait_disconnect: Callable[[], Awaitable[object]]) -> None:
+        await wait_disconnect()
+        self._client_left()
 
     def absorb_cancellation(self) -> bool:
         """After the request's task caught a CancelledError: True, with the cancellation taken
@@ -886,7 +889,25 @@ class StreamOutcome:
     upstream_error: bool = False
 
 
-class PassthroughResponse(Response):
+class GatewayResponse(Protocol):
+    """What the gateway answers an inference request with."""
+
+    async def send_to(self, exchange: HttpExchange) -> None: ...
+
+
+class _ClientLeft:
+    """The answer to a request whose client left: a 499 that nobody reads (the server drops
+    writes to a lost connection), so that the exchange still ends with a response."""
+
+    async def send_to(self, exchange: HttpExchange) -> None:
+        await exchange.start_response(499, [(b"content-length", b"0")])
+        await exchange.write_body(b"", more=False)
+
+
+CLIENT_LEFT = _ClientLeft()
+
+
+class PassthroughResponse:
     """Sends the engine's response to the client chunk by chunk as it arrives.
 
     The request's :class:`DisconnectWatch` keeps guarding while it streams: on disconnect the
@@ -909,7 +930,6 @@ class PassthroughResponse(Response):
         self._watch = watch
         self._on_done = on_done
         self._clock = clock
-        self.background = None
         self._streaming = b"text/event-stream" in (header(upstream, b"content-type") or b"")
         self.raw_headers = [(k, v) for k, v in upstream.headers if k not in _DROP_RESPONSE_HEADERS]
         # A non-streamed body goes out with the engine's length, as it came (the bytes are not
@@ -921,13 +941,13 @@ class PassthroughResponse(Response):
             self.raw_headers.append((b"content-length", length))
         self.raw_headers.append((ENDPOINT_HEADER.encode(), endpoint_url.encode()))
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def send_to(self, exchange: HttpExchange) -> None:
         outcome = StreamOutcome(status=self.status_code)
         # The body is pumped in the request's task (no task of its own: two fewer event-loop
         # hops per request), which the watch cancels if the client leaves mid-response.
         self._watch.guard(True)
         try:
-            await self._pump(send, outcome)
+            await self._pump(exchange, outcome)
         except asyncio.CancelledError:
             if not self._watch.absorb_cancellation():
                 raise  # the server is shutting down, not the client leaving
@@ -942,10 +962,8 @@ class PassthroughResponse(Response):
             except Exception:
                 log.exception("request accounting failed")
 
-    async def _pump(self, send: Send, outcome: StreamOutcome) -> None:
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
+    async def _pump(self, exchange: HttpExchange, outcome: StreamOutcome) -> None:
+        await exchange.start_response(self.status_code, self.raw_headers)
         events = 0
         tail = b""
         try:
@@ -957,7 +975,7 @@ class PassthroughResponse(Response):
                 if self._streaming:
                     events += chunk.count(b"data: ")
                 tail = (tail + chunk)[-_TAIL_BYTES:]
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await exchange.write_body(chunk, more=True)
         except UpstreamError as exc:
             # The engine failed mid-response: nothing to retry (bytes already went out).
             # Returning without the last message makes the server close the connection, which
@@ -975,4 +993,4 @@ class PassthroughResponse(Response):
         elif self._streaming and events:
             outcome.output_tokens = max(0, events - 1)  # minus the closing [DONE]
         self._watch.guard(False)  # complete: a disconnect from here on is the normal end
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await exchange.write_body(b"", more=False)

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from shoal.router.http_server import HttpServer, ServerLimits
+from shoal.router.exchange import BodyTooLarge, ClientGone, HttpExchange
+from shoal.router.http_server import DirectRoutes, HttpServer, ServerLimits
 from shoal.router.server_protocol import DISCONNECT_EXTENSION, ConnectionWatch
 
 Scope = dict[str, Any]
@@ -91,10 +92,12 @@ async def _json(send: Any, payload: Any) -> None:
 
 @contextlib.asynccontextmanager
 async def serving(
-    app: App | None = None, limits: ServerLimits | None = None
+    app: App | None = None, limits: ServerLimits | None = None, direct: DirectRoutes | None = None
 ) -> AsyncIterator[tuple[HttpServer, int, App]]:
     app = app or App()
-    server = HttpServer(app, limits or ServerLimits(keep_alive_s=5.0, graceful_shutdown_s=5.0))
+    server = HttpServer(
+        app, limits or ServerLimits(keep_alive_s=5.0, graceful_shutdown_s=5.0), direct
+    )
     ready = asyncio.Event()
     task = asyncio.get_running_loop().create_task(server.serve(HOST, 0, ready=ready.set))
     await asyncio.wait_for(ready.wait(), 5)
@@ -374,5 +377,91 @@ def test_an_upgrade_request_is_answered_in_http_1_1_with_its_body_then_closed() 
             assert json.loads(body)["len"] == 10
             assert await asyncio.wait_for(reader.read(), 2) == b""
             writer.close()
+
+    run(test)
+
+
+class Direct:
+    """Handlers for ``/direct/...`` paths, served without ASGI; records what they saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, bytes | None, bool]] = []
+        self.errors: list[str] = []
+
+    def route(self, method: str, path: str) -> Callable[[HttpExchange], Awaitable[None]] | None:
+        return self.handle if path.startswith("/direct/") else None
+
+    async def handle(self, exchange: HttpExchange) -> None:
+        try:
+            body = await exchange.read_body(limit=16)
+        except (BodyTooLarge, ClientGone) as exc:
+            self.errors.append(type(exc).__name__)
+            if not isinstance(exc, ClientGone):
+                await exchange.start_response(413, [(b"content-length", b"0")])
+                await exchange.write_body(b"", more=False)
+            return
+        headers = dict(exchange.headers)
+        self.seen.append(
+            (exchange.method, exchange.path, headers.get(b"x-tag"), exchange.connection is not None)
+        )
+        if exchange.path == "/direct/stream":
+            await exchange.start_response(200, [(b"x-kind", b"stream")])
+            await exchange.write_body(b"<" + body, more=True)
+            await exchange.write_body(b">", more=False)
+        else:
+            await exchange.start_response(201, [(b"content-length", b"%d" % len(body))])
+            await exchange.write_body(body, more=False)
+
+
+def test_direct_routes_get_the_exchange_and_the_rest_the_asgi_app() -> None:
+    async def test() -> None:
+        direct = Direct()
+        async with serving(direct=direct.route) as (_, port, app):
+            reader, writer = await asyncio.open_connection(HOST, port)
+            # A chunked body arrives whole; the same connection then serves an ASGI route.
+            writer.write(
+                b"POST /direct/echo HTTP/1.1\r\nhost: x\r\nx-tag: a\r\n"
+                b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+            )
+            head, body = await read_response(reader)
+            assert head.startswith(b"HTTP/1.1 201 Created\r\n") and body == b"hello world"
+            writer.write(b"POST /direct/stream HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nab")
+            head, body = await read_response(reader)
+            assert b"transfer-encoding: chunked" in head and b"x-kind: stream" in head
+            assert body == b"<ab>"
+            writer.write(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc")
+            head, body = await read_response(reader)
+            assert json.loads(body)["len"] == 3
+            writer.close()
+        assert direct.seen == [
+            ("POST", "/direct/echo", b"a", True),
+            ("POST", "/direct/stream", None, True),
+        ]
+        assert app.finished == ["/echo"]
+
+    run(test)
+
+
+def test_a_direct_body_over_its_limit_or_cut_by_the_client_is_an_error_not_a_hang() -> None:
+    async def test() -> None:
+        direct = Direct()
+        async with serving(direct=direct.route) as (_, port, _app):
+            reader, writer = await asyncio.open_connection(HOST, port)
+            writer.write(b"POST /direct/x HTTP/1.1\r\nhost: x\r\ncontent-length: 20\r\n\r\n")
+            writer.write(b"x" * 20)
+            head, _ = await read_response(reader)
+            assert head.startswith(b"HTTP/1.1 413 ")
+            writer.close()
+            # A client that leaves before its body's end.
+            reader, writer = await asyncio.open_connection(HOST, port)
+            writer.write(b"POST /direct/x HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.close()
+            for _ in range(100):
+                if len(direct.errors) == 2:
+                    break
+                await asyncio.sleep(0.02)
+        assert direct.errors == ["BodyTooLarge", "ClientGone"]
 
     run(test)

@@ -97,5 +97,8 @@ def test_a_bug_in_the_gateway_answers_an_openai_shaped_500_and_the_router_keeps_
     assert resp.status_code == 500
     assert resp.json()["error"]["type"] == "internal_server_error"
     assert h.post("/v1/completions", b'{"model":"tiny","prompt":"hi"}', {}).status_code == 200
-    # Other methods on the proxied paths still get the framework's answer.
-    assert h.get("/v1/completions").status_code == 405
+    # Other methods on the proxied paths get an OpenAI-shaped 405 naming the one they take.
+    wrong_method = h.get("/v1/completions")
+    assert wrong_method.status_code == 405
+    assert wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json()["error"]["type"] == "invalid_request_error"

@@ -69,16 +69,12 @@ class HttpExchange(Protocol):
         ...
 
 
-class AsgiExchange:
-    """:class:`HttpExchange` over one ASGI call."""
+class ScopeHead:
+    """The request line and headers of an exchange, read from its ASGI-shaped ``scope`` (both
+    Shoal's server and ASGI servers describe a request so)."""
 
-    __slots__ = ("_receive", "_send", "response_started", "scope")
-
-    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.scope = scope
-        self._receive = receive
-        self._send = send
-        self.response_started = False
+    __slots__ = ()
+    scope: Scope
 
     @property
     def method(self) -> str:
@@ -91,6 +87,18 @@ class AsgiExchange:
     @property
     def headers(self) -> Headers:
         return self.scope["headers"]  # type: ignore[no-any-return]
+
+
+class AsgiExchange(ScopeHead):
+    """:class:`HttpExchange` over one ASGI call."""
+
+    __slots__ = ("_receive", "_send", "response_started", "scope")
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self.response_started = False
 
     @property
     def connection(self) -> ConnectionWatch | None:

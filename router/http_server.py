@@ -54,7 +54,7 @@ import orjson
 from starlette.types import ASGIApp, Message
 
 from shoal.router.errors import error_body
-from shoal.router.exchange import BodyTooLarge, ClientGone, Headers
+from shoal.router.exchange import BodyTooLarge, ClientGone, Headers, ScopeHead
 from shoal.router.server_protocol import (
     DISCONNECT_EXTENSION,
     CoalescedWrites,
@@ -133,7 +133,7 @@ def _error_response(status: int, message: str, type_: str = "invalid_request_err
     )
 
 
-class _Exchange:
+class _Exchange(ScopeHead):
     """One request and its response: the ASGI ``receive`` and ``send`` of one app call, or the
     same as an :class:`~shoal.router.exchange.HttpExchange` for a direct handler."""
 
@@ -221,19 +221,7 @@ class _Exchange:
         await self.disconnected()
         return {"type": "http.disconnect"}
 
-    # ---------------------------------------------------- the request side, without ASGI
-
-    @property
-    def method(self) -> str:
-        return str(self.scope["method"])
-
-    @property
-    def path(self) -> str:
-        return str(self.scope["path"])
-
-    @property
-    def headers(self) -> Headers:
-        return self.scope["headers"]  # type: ignore[no-any-return]
+    # ------------------------------- the request side, without ASGI (see also ScopeHead)
 
     @property
     def connection(self) -> ConnectionWatch:

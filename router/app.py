@@ -33,7 +33,8 @@ from shoal.router.kv_subscriber import KvEventSubscriber
 from shoal.router.metrics import EndpointView, RouterMetrics
 from shoal.router.pipeline import FallbackRecorder
 from shoal.router.prefix_index import ApproxPrefixIndex
-from shoal.router.proxy import Gateway, SimTokenizers, TokenizerProvider
+from shoal.router.proxy import Gateway
+from shoal.router.request_body import SimTokenizers, TokenizerProvider
 from shoal.router.scorers import SessionTable
 from shoal.router.scrape_cadence import ScrapeCadence
 from shoal.router.scraper import ScraperPool

@@ -26,6 +26,11 @@ def error_body(
     }
 
 
+def bad_request(message: str, param: str | None = None) -> ApiError:
+    """A 400 for a request the router cannot read (OpenAI's ``invalid_request_error``)."""
+    return ApiError(400, message, "invalid_request_error", param=param)
+
+
 class ApiError(Exception):
     """An error answered to the client in OpenAI's shape."""
 

@@ -38,7 +38,7 @@ from jinja2.ext import loopcontrols
 from tokenizers import Tokenizer
 
 from shoal.router.config import ConfigError
-from shoal.router.proxy import PromptTokenizer, TokenizerProvider
+from shoal.router.request_body import PromptTokenizer, TokenizerProvider
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from golden import Exchange, golden_root, load
 
 from shoal.kv_events import BlockStored, decode_payload
 from shoal.router.hf_tokenizer import HfPromptTokenizer, HfTokenizers
-from shoal.router.proxy import SimTokenizers, parse_body
+from shoal.router.request_body import SimTokenizers, parse_body
 
 ROOT = golden_root()
 pytestmark = pytest.mark.skipif(

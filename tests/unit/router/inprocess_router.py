@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from shoal.router.app import create_router_app
 from shoal.router.config import RouterConfig
-from shoal.router.proxy import TokenizerProvider
+from shoal.router.request_body import TokenizerProvider
 
 METRICS = (
     'vllm:num_requests_running{engine="0",model_name="tiny"} 0.0\n'

@@ -7,7 +7,9 @@ import pytest
 
 from shoal.router.app import build_components
 from shoal.router.config import RouterConfig
-from shoal.router.proxy import ApiError, Gateway, SimTokenizers, parse_body
+from shoal.router.errors import ApiError
+from shoal.router.proxy import Gateway
+from shoal.router.request_body import SimTokenizers, parse_body
 from shoal.router.types import Endpoint
 
 BODY = b'{"prompt": "hello world", "max_tokens": 4}'

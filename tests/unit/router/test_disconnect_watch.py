@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 from typing import Any
 
-from shoal.router.proxy import DisconnectWatch
+from shoal.router.passthrough import DisconnectWatch
 from shoal.router.server_protocol import ConnectionWatch
 
 

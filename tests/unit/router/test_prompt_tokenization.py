@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shoal.router.kv_index import KvEventIndex
 from shoal.router.prefix_index import ApproxPrefixIndex
-from shoal.router.proxy import (
+from shoal.router.request_body import (
     CHARS_PER_TOKEN,
     PromptTokenizer,
     SimTokenizers,

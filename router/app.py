@@ -271,12 +271,11 @@ async def _sweep(c: RouterComponents) -> None:
 class RouterApp(Starlette):
     """The router's ASGI app: inference requests go straight to the gateway (its hot path);
     everything else (models, health, metrics, lifespan) through Starlette as usual. Shoal's
-    own HTTP server skips ASGI for the inference routes too (``direct_route``)."""
+    own HTTP server skips ASGI for the inference routes too (``Gateway.direct_route``)."""
 
     def __init__(self, gateway: Gateway, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.gateway = gateway
-        self.direct_route = gateway.direct_route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and await self.gateway.serve(scope, receive, send):

@@ -146,6 +146,6 @@ def run_router(args: argparse.Namespace) -> int:
         keep_alive_s=config.keep_alive_s,
         graceful_shutdown_s=config.graceful_shutdown_s,
     )
-    if not serve(app, config.host, config.port, limits, direct=app.direct_route):
+    if not serve(app, config.host, config.port, limits, direct=app.gateway.direct_route):
         return 1
     return 0

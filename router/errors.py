@@ -54,7 +54,7 @@ class ApiError(Exception):
         self.retry_after_s = retry_after_s
         self.extra_headers = dict(extra_headers or {})
 
-    def _rendered(self) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    async def send_to(self, exchange: HttpExchange) -> None:
         body = orjson.dumps(
             error_body(self.status, self.message, self.type, param=self.param, code=self.code)
         )
@@ -66,9 +66,5 @@ class ApiError(Exception):
             headers.append((b"retry-after", str(self.retry_after_s).encode()))
         for name, value in self.extra_headers.items():
             headers.append((name.encode("latin-1"), value.encode("latin-1")))
-        return headers, body
-
-    async def send_to(self, exchange: HttpExchange) -> None:
-        headers, body = self._rendered()
         await exchange.start_response(self.status, headers)
         await exchange.write_body(body, more=False)

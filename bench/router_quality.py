@@ -35,10 +35,16 @@ from shoal.bench import workloads as wl
 from shoal.bench.client import RunResult, run_open_loop
 from shoal.bench.peers import RouterUnderTest, ensure_peers, router_process
 from shoal.bench.report import Summary, summarize, to_simulated_time
+from shoal.bench.ttft_floor import TtftFloor, shared_prefix_floor
 from shoal.demo import cache_counters
 from shoal.local import ManagedProcess, free_port
+from shoal.sim.catalog import get_gpu, get_model
+from shoal.sim.perf import PerfModel
 
 MODEL = "llama-8b"
+HF_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+GPU = "H100"
+PREFIX_TOKENS = 4000
 CONFIGS = (
     "shoal:round-robin,shoal:least-request,shoal:prefix,shoal:kv-aware,"
     "sglang:cache_aware,vllm:cache_aware,vllm:kv_aware"
@@ -52,9 +58,9 @@ def start_engines(
     return fleet.start_engines(
         n,
         log_dir,
-        model="meta-llama/Llama-3.1-8B-Instruct",
+        model=HF_MODEL,
         served_name=MODEL,
-        extra_args=("--gpu", "H100", "--time-scale", str(time_scale)),
+        extra_args=("--gpu", GPU, "--time-scale", str(time_scale)),
         per_engine_args=[("--seed", str(i)) for i in range(n)],
         ready_timeout_s=120,
     )
@@ -64,7 +70,7 @@ def workload(rate: float, n: int, seed: int = 0, skew: float = 0.0) -> list[wl.B
     return wl.shared_prefix(
         wl.arrival_times(rate, n, seed=seed),
         num_groups=32,
-        prefix_tokens=4000,
+        prefix_tokens=PREFIX_TOKENS,
         suffix_tokens=256,
         output_tokens=128,
         seed=seed,
@@ -128,11 +134,24 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument(
+        "--floor-only",
+        action="store_true",
+        help="print the TTFT floor of the request stream (shoal/bench/ttft_floor.py) and stop, "
+        "without starting engines or routers (needs --capacity-rps)",
+    )
     args = ap.parse_args()
+    scale = args.time_scale
+    if args.floor_only:
+        if not args.capacity_rps:
+            ap.error("--floor-only needs the capacity (--capacity-rps) to build the stream")
+        rate_wall = args.load * args.capacity_rps * scale
+        reqs = workload(rate_wall, int(rate_wall * args.duration_s), skew=args.group_skew)
+        print(floor_sentence(ttft_floor(reqs)))
+        return 0
     configs = [RouterUnderTest.parse(c) for c in args.configs.split(",")]
     errors = ensure_peers([c.impl for c in configs])
     log_dir = Path(tempfile.mkdtemp(prefix="shoal-bench-quality-"))
-    scale = args.time_scale
 
     capacity = args.capacity_rps
     if not capacity:
@@ -183,11 +202,29 @@ def main() -> int:
             )
         if sums:
             rows.append((c, sums, hits))
-    body = render(args, capacity, rate_wall / scale, n, rows, errors)
+    body = render(args, capacity, rate_wall / scale, n, rows, errors, ttft_floor(reqs))
     print(body)
     if not args.no_write:
         update_section("router-quality", body)
     return 0
+
+
+def ttft_floor(reqs: list[wl.BenchRequest]) -> TtftFloor:
+    """The lowest TTFT any router could give each request of this stream (simulated seconds)."""
+    return shared_prefix_floor(reqs, PerfModel(get_model(HF_MODEL), get_gpu(GPU)), PREFIX_TOKENS)
+
+
+def floor_sentence(floor: TtftFloor) -> str:
+    n = len(floor.floors_s)
+    return (
+        f"TTFT floor of this request stream (shoal/bench/ttft_floor.py: each prefill alone in its "
+        f"step, every repeat visit of a group finding its prefix cached): {floor.cold_requests} of "
+        f"{n} requests ({floor.cold_requests / n:.1%}) are the first visit of their group, whose "
+        f"whole prompt no engine holds yet (cold prefill alone: {1000 * floor.cold_s:.1f} ms; a "
+        f"warm one: {1000 * floor.warm_s:.1f} ms). No router's TTFT p50 can be under "
+        f"{1000 * floor.percentile_s(50):.1f} ms, nor its p90 under "
+        f"{1000 * floor.percentile_s(90):.1f} ms."
+    )
 
 
 def _rng(xs: list[float], fmt: str = "{:.0f}") -> str:
@@ -203,6 +240,7 @@ def render(
     n: int,
     rows: list[tuple[RouterUnderTest, list[Summary], list[float]]],
     errors: dict[str, str],
+    floor: TtftFloor,
 ) -> str:
     lines = [
         "## Routing quality",
@@ -247,12 +285,23 @@ def render(
             return sorted(s.output_throughput for s in r[1])[len(r[1]) // 2]
 
         best_s, best_p = min(shoal, key=p90), min(peers, key=p90)
+        floor_p90 = 1000 * floor.percentile_s(90)
+        half = p90(best_p) / 2
         lines += [
             "",
             f"Shoal's best TTFT p90 ({best_s[0].label}, {p90(best_s):.0f} ms) is "
             f"{p90(best_s) / p90(best_p):.2f}× the best peer's ({best_p[0].label}, {p90(best_p):.0f} ms) "
             "(target ≤ 0.5×); its output throughput is "
             f"{tput(best_s) / max(tput(r) for r in peers):.2f}× the best peer's (target ≥ 1×).",
+            "",
+            floor_sentence(floor)
+            + f" Shoal's best p90 is {p90(best_s) / floor_p90:.2f}× that floor, the best peer's "
+            f"{p90(best_p) / floor_p90:.2f}×; half the best peer's p90 ({half:.0f} ms) is "
+            + (
+                "below the floor, so no routing policy can meet the 0.5× target on this stream."
+                if half < floor_p90
+                else "above the floor."
+            ),
         ]
     for what, err in errors.items():
         lines.append(f"\n- {what}: could not run: `{err}`")

@@ -15,7 +15,10 @@ arrivals and finishes, most steps only decode; ``sim.fastforward`` advances thos
 the same results as stepping (``fast_forward=False`` turns it off, which the tests compare).
 
 The router is any callable ``(request, engine views) -> engine index``: ``round_robin`` and
-``least_loaded`` live here; the production routing pipeline plugs in through the same signature.
+``least_loaded`` live here. A router that reads prompts (prefix affinity) implements
+``PromptRouter`` and gets each request's token ids too; one that also implements ``KvEventSink``
+receives every engine's KV events as steps end, as a router subscribed to vLLM's KV events would.
+Both are how Shoal's production routing pipeline runs here (``shoal.bench.virtual_routing``).
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-from shoal.sim.engine import EngineConfig, EngineCore, sized_engine_config
+from shoal.kv_events import KvEvent
+from shoal.sim.engine import Backlog, EngineConfig, EngineCore, sized_engine_config
 from shoal.sim.fastforward import fast_forward
+from shoal.sim.perf import PerfModel
 from shoal.sim.trace import PromptFactory, TraceRequest
 from shoal.sim.types import EngineRequest, FinishedRequestStats, SamplingParams
 
@@ -73,7 +78,7 @@ class EngineSpec:
 class EngineView:
     """What a router may look at: a live, read-only view of one engine at the current event."""
 
-    __slots__ = ("_core", "gpu", "index", "model", "num_gpus")
+    __slots__ = ("_core", "gpu", "index", "model", "num_gpus", "step_ends_s")
 
     def __init__(self, index: int, core: EngineCore) -> None:
         self.index = index
@@ -81,6 +86,29 @@ class EngineView:
         self.model = core.config.model_name
         self.gpu = core.config.gpu.name
         self.num_gpus = core.config.num_gpus
+        # When the step in progress ends; at or before the current time the engine is between
+        # steps or idle, so a new request starts at once. ClusterSimulator keeps it current;
+        # sim.autoscaled, which builds its views per arrival, leaves it at 0.
+        self.step_ends_s = 0.0
+
+    @property
+    def perf(self) -> PerfModel:
+        return self._core.perf
+
+    @property
+    def max_num_batched_tokens(self) -> int:
+        return self._core.config.max_num_batched_tokens
+
+    @property
+    def block_size(self) -> int:
+        return self._core.config.block_size
+
+    def cached_blocks(self, block_hashes: list[int]) -> int:
+        """How many of these chained block hashes, from the first, the prefix cache holds now."""
+        return len(self._core.kv.find_cached_prefix(block_hashes))
+
+    def backlog(self) -> Backlog:
+        return self._core.backlog()
 
     @property
     def num_running(self) -> int:
@@ -100,6 +128,22 @@ class EngineView:
 
 
 Router = Callable[[TraceRequest, Sequence[EngineView]], int]
+
+
+@runtime_checkable
+class PromptRouter(Protocol):
+    """A router that reads the prompt: ``route_prompt`` is called instead of ``__call__``."""
+
+    def route_prompt(
+        self, request: TraceRequest, prompt_ids: Sequence[int], engines: Sequence[EngineView]
+    ) -> int: ...
+
+
+@runtime_checkable
+class KvEventSink(Protocol):
+    """Receives each engine's KV events at the end of the step that produced them."""
+
+    def on_kv_events(self, engine: int, at_s: float, events: list[KvEvent]) -> None: ...
 
 
 class RoundRobin:
@@ -279,7 +323,7 @@ class ClusterSimulator:
     def __init__(
         self,
         engines: Sequence[EngineSpec | EngineCore],
-        router: Router | None = None,
+        router: Router | PromptRouter | None = None,
         *,
         seed: int = 0,
         fast_forward: bool = True,
@@ -292,7 +336,9 @@ class ClusterSimulator:
             for i, e in enumerate(engines)
         ]
         self.views = [EngineView(i, core) for i, core in enumerate(self.cores)]
-        self.router: Router = router if router is not None else round_robin()
+        self.router: Router | PromptRouter = router if router is not None else round_robin()
+        self._prompt_router = self.router if isinstance(self.router, PromptRouter) else None
+        self._kv_sink = self.router if isinstance(self.router, KvEventSink) else None
         self.fast_forward = fast_forward
         self.keep_requests = keep_requests
         self._prompts = PromptFactory(
@@ -312,6 +358,8 @@ class ClusterSimulator:
         cores = self.cores
         views = self.views
         router = self.router
+        prompt_router = self._prompt_router
+        kv_sink = self._kv_sink
         n = len(cores)
         heap: list[tuple[float, int, int, int]] = []
         seq = 0
@@ -350,7 +398,10 @@ class ClusterSimulator:
                         usage = core.kv.usage
                         if usage > kv_peak[e]:
                             kv_peak[e] = usage
+                        if kv_sink is not None and ff.kv_events:
+                            kv_sink.on_kv_events(e, ff.end, ff.kv_events)
                         seq += 1
+                        views[e].step_ends_s = ff.end
                         heapq.heappush(heap, (ff.end, _STEP, seq, e))
                         continue
                 result = core.step(t)
@@ -362,7 +413,10 @@ class ClusterSimulator:
                     if usage > kv_peak[e]:
                         kv_peak[e] = usage
                     seq += 1
+                    views[e].step_ends_s = t + duration
                     heapq.heappush(heap, (t + duration, _STEP, seq, e))
+                    if kv_sink is not None and result.kv_events:
+                        kv_sink.on_kv_events(e, t + duration, result.kv_events)
                 else:
                     # Nothing schedulable: sleep until a request is routed here.
                     stepping[e] = False
@@ -391,7 +445,13 @@ class ClusterSimulator:
                 raise ValueError(f"workload is not in arrival order at t={t}")
             last_arrival = t
             req = nxt
-            e = router(req, views)
+            ids = None
+            if prompt_router is not None:
+                ids = self._prompts.prompt_ids(requests, req)
+                e = prompt_router.route_prompt(req, ids, views)
+            else:
+                assert not isinstance(router, PromptRouter)
+                e = router(req, views)
             if not 0 <= e < n:
                 raise ValueError(f"router returned engine {e}, fleet has {n}")
             core = cores[e]
@@ -401,7 +461,9 @@ class ClusterSimulator:
             if prompt != req.prompt_tokens or output != req.output_tokens:
                 truncated += 1
                 req = TraceRequest(t, prompt, output, req.prefix_group, req.prefix_tokens)
-            ids = self._prompts.prompt_ids(requests, req)
+                ids = None
+            if ids is None:
+                ids = self._prompts.prompt_ids(requests, req)
             core.add_request(
                 EngineRequest(
                     request_id=str(requests),
@@ -480,7 +542,7 @@ class ClusterSimulator:
 def simulate(
     workload: Iterable[TraceRequest],
     engines: Sequence[EngineSpec | EngineCore],
-    router: Router | None = None,
+    router: Router | PromptRouter | None = None,
     *,
     seed: int = 0,
     fast_forward: bool = True,

@@ -79,6 +79,16 @@ class EngineConfig:
     mean_output_tokens: int = 256
 
 
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """What an engine has yet to compute for the requests it holds (see ``EngineCore.backlog``)."""
+
+    decode_seqs: int  # running requests whose next step samples one token
+    decode_context_tokens: int  # their context lengths, summed
+    prefill_tokens: int  # prompt tokens not computed yet (running chunks, then waiting requests)
+    prefill_context_tokens: int  # the whole prompts of those requests, summed
+
+
 class _Seq:
     """A request inside the engine."""
 
@@ -197,6 +207,24 @@ class EngineCore:
 
     def num_unfinished(self) -> int:
         return len(self._running) + len(self._waiting)
+
+    def backlog(self) -> Backlog:
+        """The work the scheduler holds for its next steps, for routers that predict latency."""
+        decode_seqs = decode_ctx = prefill = prefill_ctx = 0
+        for seq in self._running:
+            remaining = len(seq.token_ids) - seq.num_computed
+            if remaining == 1 and seq.num_computed >= seq.num_prompt:
+                decode_seqs += 1
+                decode_ctx += seq.num_computed + 1
+            else:
+                prefill += remaining
+                prefill_ctx += len(seq.token_ids)
+        for seq in self._waiting:
+            # Prefix-cache hits of a waiting request are looked up when it is scheduled, so its
+            # whole uncomputed prompt counts: an upper bound.
+            prefill += len(seq.token_ids) - seq.num_computed
+            prefill_ctx += len(seq.token_ids)
+        return Backlog(decode_seqs, decode_ctx, prefill, prefill_ctx)
 
     # ---- the step --------------------------------------------------------------------------
     def step(self, now: float) -> StepResult:

@@ -117,6 +117,25 @@ def zipf_weights(n: int, s: float) -> list[float]:
     return [w / total for w in raw]
 
 
+def prefix_groups(n: int, num_groups: int, *, seed: int = 0, skew: float = 0.0) -> list[int]:
+    """The prefix group of each of ``n`` requests of ``shared_prefix`` (same seed, same groups).
+
+    Groups are equally popular with ``skew`` 0; otherwise group ``g`` is picked with probability
+    proportional to ``1 / (g + 1) ** skew`` (Zipf), so group 0 is a hot prefix.
+    """
+    if num_groups < 1:
+        raise ValueError(f"need at least one prefix group, got {num_groups}")
+    if skew < 0:
+        raise ValueError(f"skew must be >= 0, got {skew}")
+    rng = random.Random(f"{seed}/shared-prefix")
+    if not skew:
+        # randrange for the uniform case keeps its request streams as they were before skew.
+        return [rng.randrange(num_groups) for _ in range(n)]
+    cum_weights = list(itertools.accumulate(zipf_weights(num_groups, skew)))
+    groups = range(num_groups)
+    return [rng.choices(groups, cum_weights=cum_weights)[0] for _ in range(n)]
+
+
 def shared_prefix(
     arrivals: Sequence[float],
     *,
@@ -131,27 +150,14 @@ def shared_prefix(
 
     This is the system-prompt / few-shot pattern where prefix-aware routing pays: every request
     of a group can reuse the group's cached prefix blocks on the engine that served it before.
-    Groups are equally popular with ``skew`` 0; otherwise group ``g`` is picked with probability
-    proportional to ``1 / (g + 1) ** skew`` (Zipf), so group 0 is a hot prefix.
+    Each request's group comes from ``prefix_groups`` (equally popular, or Zipf with ``skew``).
     """
-    if num_groups < 1:
-        raise ValueError(f"need at least one prefix group, got {num_groups}")
-    if skew < 0:
-        raise ValueError(f"skew must be >= 0, got {skew}")
-    cum_weights = list(itertools.accumulate(zipf_weights(num_groups, skew)))
+    groups = prefix_groups(len(arrivals), num_groups, seed=seed, skew=skew)
     prefixes = [
         words(random.Random(f"{seed}/prefix/{g}"), prefix_tokens) for g in range(num_groups)
     ]
-    rng = random.Random(f"{seed}/shared-prefix")
-    groups = range(num_groups)
     out = []
-    for i, t in enumerate(arrivals):
-        # randrange for the uniform case keeps its request streams as they were before skew.
-        g = (
-            rng.randrange(num_groups)
-            if not skew
-            else rng.choices(groups, cum_weights=cum_weights)[0]
-        )
+    for i, (t, g) in enumerate(zip(arrivals, groups, strict=True)):
         suffix = words(random.Random(f"{seed}/suffix/{i}"), suffix_tokens)
         prompt = (
             f"{prefixes[g]} {suffix}" if prefix_tokens and suffix_tokens else prefixes[g] + suffix

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shoal.router.scorers import DEFAULT_LOAD_FACTOR, DEFAULT_LOAD_SLACK
 from shoal.router.strategies import SCORER_NAMES, check_strategy, merged_weights
 from shoal.router.types import Priority
 
@@ -151,8 +152,9 @@ class RouterConfig(_Strict):
     strategy: str = "prefix"
     weights: dict[str, float] = Field(default_factory=dict)
     models: dict[str, ModelRoutingConfig] = Field(default_factory=dict)
-    load_factor: float = Field(default=1.25, ge=1.0)
-    load_slack: float = Field(default=2.0, ge=0)
+    # The affinity load bound: mean × factor + slack (router/scorers.py says why these defaults).
+    load_factor: float = Field(default=DEFAULT_LOAD_FACTOR, ge=1.0)
+    load_slack: float = Field(default=DEFAULT_LOAD_SLACK, ge=0)
     # Prompt tokenization for block hashing: "sim" for `shoal sim` engines; "hf" for real vLLM
     # engines, with each model's tokenizer files (tokenizer.json, tokenizer_config.json) in a
     # local directory, mapped per model root in tokenizer_dirs (router/hf_tokenizer.py).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 
@@ -12,7 +13,7 @@ from shoal.kv_events import BlockStored, EventBatch
 from shoal.router.kv_index import KvEventIndex
 from shoal.router.pipeline import FallbackRecorder
 from shoal.router.prefix_index import ApproxPrefixIndex
-from shoal.router.scorers import SessionTable
+from shoal.router.scorers import DEFAULT_LOAD_FACTOR, DEFAULT_LOAD_SLACK, SessionTable
 from shoal.router.strategies import (
     STRATEGIES,
     ModelRouting,
@@ -122,9 +123,12 @@ def test_prefix_sticks_to_the_prefix_owner_then_spreads_under_load() -> None:
         d.endpoint.in_flight_requests += 1
         sent[d.endpoint.url] += 1
     loads = [s.load for s in states]
-    assert len(sent) == len(URLS)
+    # No endpoint may exceed mean × factor, so the prefix spreads over at least n / factor of
+    # them (3 of 4 at the default 1.5).
+    assert len(sent) >= math.ceil(len(URLS) / DEFAULT_LOAD_FACTOR)
     mean = sum(loads) / len(loads)
-    assert max(loads) <= mean * 1.25 + 2.0 + 1  # the bound, plus the request that crossed it
+    # The bound, plus the request that crossed it.
+    assert max(loads) <= mean * DEFAULT_LOAD_FACTOR + DEFAULT_LOAD_SLACK + 1
 
 
 def test_kv_aware_routes_by_events_and_reports_missing_events() -> None:

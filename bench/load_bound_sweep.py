@@ -32,10 +32,9 @@ from report import command_line, machine_facts, update_section
 
 from shoal.bench.report import percentile
 from shoal.bench.virtual_routing import PipelineRouter
-from shoal.bench.workloads import arrival_times, prefix_groups
+from shoal.bench.workloads import shared_prefix_trace
 from shoal.router.scorers import DEFAULT_LOAD_FACTOR, DEFAULT_LOAD_SLACK
 from shoal.sim.cluster import ClusterSimulator, EngineSpec
-from shoal.sim.trace import TraceRequest
 
 OFF = (1.0, 1e9)  # a bound that never binds
 PAIRS = ((1.25, 2.0), (1.25, 4.0), (1.5, 4.0), (2.0, 2.0), (1.25, 8.0), OFF)
@@ -46,11 +45,7 @@ def one_run(
     pair: tuple[float, float], rate: float, n: int, skew: float, seed: int
 ) -> tuple[float, float]:
     """(TTFT p90, TPOT p90) in ms of one stream under one (factor, slack) pair."""
-    groups = prefix_groups(n, 32, seed=seed, skew=skew)
-    reqs = [
-        TraceRequest(t, 4256, 128, g, 4000)
-        for t, g in zip(arrival_times(rate, n, seed=seed), groups, strict=True)
-    ]
+    reqs = shared_prefix_trace(rate, n, seed=seed, skew=skew)
     router = PipelineRouter("kv-aware", load_factor=pair[0], load_slack=pair[1])
     report = ClusterSimulator([EngineSpec()] * 8, router, seed=seed).run(reqs)
     ttft = [f.ttft * 1000 for f in report.finished_requests]

@@ -38,7 +38,7 @@ from shoal.bench.clairvoyant import EarliestFirstToken
 from shoal.bench.report import percentile
 from shoal.bench.ttft_floor import TtftFloor, shared_prefix_floor
 from shoal.bench.virtual_routing import PipelineRouter
-from shoal.bench.workloads import BenchRequest, arrival_times, prefix_groups
+from shoal.bench.workloads import BenchRequest, shared_prefix_trace
 from shoal.sim.cluster import ClusterSimulator, EngineSpec, PromptRouter, Router, round_robin
 from shoal.sim.perf import PerfModel
 from shoal.sim.trace import TraceRequest
@@ -73,11 +73,15 @@ class Run:
 
 
 def stream(n: int, seed: int) -> list[TraceRequest]:
-    groups = prefix_groups(n, GROUPS, seed=seed)
-    return [
-        TraceRequest(t, PREFIX_TOKENS + SUFFIX_TOKENS, OUTPUT_TOKENS, g, PREFIX_TOKENS)
-        for t, g in zip(arrival_times(RATE_RPS, n, seed=seed), groups, strict=True)
-    ]
+    return shared_prefix_trace(
+        RATE_RPS,
+        n,
+        num_groups=GROUPS,
+        prefix_tokens=PREFIX_TOKENS,
+        suffix_tokens=SUFFIX_TOKENS,
+        output_tokens=OUTPUT_TOKENS,
+        seed=seed,
+    )
 
 
 def floor_of(reqs: list[TraceRequest], perf: PerfModel) -> TtftFloor:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from shoal.sim.trace import load_azure_trace
+from shoal.sim.trace import TraceRequest, load_azure_trace
 
 ArrivalKind = Literal["poisson", "gamma", "bursty", "constant"]
 ARRIVAL_KINDS: tuple[str, ...] = ("poisson", "gamma", "bursty", "constant")
@@ -134,6 +134,27 @@ def prefix_groups(n: int, num_groups: int, *, seed: int = 0, skew: float = 0.0) 
     cum_weights = list(itertools.accumulate(zipf_weights(num_groups, skew)))
     groups = range(num_groups)
     return [rng.choices(groups, cum_weights=cum_weights)[0] for _ in range(n)]
+
+
+def shared_prefix_trace(
+    rate: float,
+    n: int,
+    *,
+    num_groups: int = 32,
+    prefix_tokens: int = 4000,
+    suffix_tokens: int = 256,
+    output_tokens: int = 128,
+    seed: int = 0,
+    skew: float = 0.0,
+) -> list[TraceRequest]:
+    """The ``shared_prefix`` workload as the virtual-clock fleet takes it: Poisson arrivals at
+    ``rate`` and the same groups for the same seed, with token counts instead of prompt text
+    (the cluster simulator draws each group's prefix tokens itself)."""
+    groups = prefix_groups(n, num_groups, seed=seed, skew=skew)
+    return [
+        TraceRequest(t, prefix_tokens + suffix_tokens, output_tokens, g, prefix_tokens)
+        for t, g in zip(arrival_times(rate, n, seed=seed), groups, strict=True)
+    ]
 
 
 def shared_prefix(

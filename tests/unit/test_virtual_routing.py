@@ -9,7 +9,7 @@ import pytest
 
 from shoal.bench.clairvoyant import EarliestFirstToken, cached_prefix_tokens, predicted_ttft_s
 from shoal.bench.virtual_routing import PipelineRouter, engine_url
-from shoal.bench.workloads import arrival_times, prefix_groups, shared_prefix
+from shoal.bench.workloads import arrival_times, prefix_groups, shared_prefix, shared_prefix_trace
 from shoal.kv_events import KvEvent
 from shoal.sim.cluster import ClusterSimulator, EngineSpec, EngineView, round_robin
 from shoal.sim.trace import TraceRequest
@@ -18,12 +18,8 @@ from shoal.sim.types import EngineRequest, SamplingParams
 SPEC = EngineSpec()  # Llama-3.1-8B on H100
 
 
-def prefix_stream(n: int, rate: float = 32.0, seed: int = 0) -> list[TraceRequest]:
-    groups = prefix_groups(n, 32, seed=seed)
-    return [
-        TraceRequest(t, 4256, 128, g, 4000)
-        for t, g in zip(arrival_times(rate, n, seed=seed), groups, strict=True)
-    ]
+def prefix_stream(n: int) -> list[TraceRequest]:
+    return shared_prefix_trace(32.0, n)  # 32 groups, 4,000 + 256 tokens in, 128 out
 
 
 def test_prefix_groups_are_the_groups_of_the_shared_prefix_workload() -> None:
@@ -92,11 +88,10 @@ def test_prompt_routers_see_the_prompt_the_engine_gets_and_every_kv_event(
 def test_prediction_is_the_measured_ttft_for_a_lone_request() -> None:
     # One engine already decoding a request, then a prompt whose prefix it holds: the clairvoyant
     # prediction at arrival must equal what the engine then measures.
-    sim = ClusterSimulator([SPEC], EarliestFirstToken())
     first = TraceRequest(0.0, 4256, 64, 0, 4000)
     second = TraceRequest(0.05, 4256, 4, 0, 4000)
     predictions: list[float] = []
-    inner = sim.router
+    inner = EarliestFirstToken()
 
     class Spy:
         def route_prompt(
@@ -106,7 +101,6 @@ def test_prediction_is_the_measured_ttft_for_a_lone_request() -> None:
             predictions.append(
                 predicted_ttft_s(engines[0], request.arrival_s, len(prompt_ids), cached)
             )
-            assert isinstance(inner, EarliestFirstToken)
             return inner.route_prompt(request, prompt_ids, engines)
 
     sim = ClusterSimulator([SPEC], Spy(), fast_forward=False)

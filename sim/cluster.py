@@ -337,7 +337,13 @@ class ClusterSimulator:
         ]
         self.views = [EngineView(i, core) for i, core in enumerate(self.cores)]
         self.router: Router | PromptRouter = router if router is not None else round_robin()
-        self._prompt_router = self.router if isinstance(self.router, PromptRouter) else None
+        # Which call a router takes is decided once: a runtime Protocol check costs microseconds.
+        self._prompt_router: PromptRouter | None = None
+        self._plain_router: Router | None = None
+        if isinstance(self.router, PromptRouter):
+            self._prompt_router = self.router
+        else:
+            self._plain_router = self.router
         self._kv_sink = self.router if isinstance(self.router, KvEventSink) else None
         self.fast_forward = fast_forward
         self.keep_requests = keep_requests
@@ -357,8 +363,8 @@ class ClusterSimulator:
         wall0 = time.perf_counter()
         cores = self.cores
         views = self.views
-        router = self.router
         prompt_router = self._prompt_router
+        plain_router = self._plain_router
         kv_sink = self._kv_sink
         n = len(cores)
         heap: list[tuple[float, int, int, int]] = []
@@ -450,8 +456,8 @@ class ClusterSimulator:
                 ids = self._prompts.prompt_ids(requests, req)
                 e = prompt_router.route_prompt(req, ids, views)
             else:
-                assert not isinstance(router, PromptRouter)
-                e = router(req, views)
+                assert plain_router is not None
+                e = plain_router(req, views)
             if not 0 <= e < n:
                 raise ValueError(f"router returned engine {e}, fleet has {n}")
             core = cores[e]

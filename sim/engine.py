@@ -32,7 +32,7 @@ from shoal.hashing import block_hashes
 from shoal.sim.catalog import GpuSpec, ModelSpec, get_gpu, get_model
 from shoal.sim.kv_cache import KvAllocation, KvCacheManager
 from shoal.sim.lora import LoraManager, default_path_check
-from shoal.sim.perf import BatchShape, PerfModel
+from shoal.sim.perf import BatchShape, PerfModel, causal_pairs
 from shoal.sim.power import GpuPowerModel
 from shoal.sim.tokenizer import EOS, SimTokenizer
 from shoal.sim.types import (
@@ -327,7 +327,7 @@ class EngineCore:
                 decode_ctx += seq.num_computed + 1
             else:
                 prefill_tokens += num_new
-                pairs += num_new * seq.num_computed + num_new * (num_new + 1) // 2
+                pairs += causal_pairs(num_new, seq.num_computed)
                 prefill_ctx += seq.num_computed + num_new
         shape = BatchShape(
             prefill_tokens=prefill_tokens,

@@ -28,6 +28,12 @@ from shoal.sim.catalog import GpuSpec, ModelSpec
 _GIB = 1024**3
 
 
+def causal_pairs(new_tokens: int, cached_tokens: int) -> int:
+    """Query-key pairs of a prefill chunk: ``new_tokens`` queries, each attending to the
+    ``cached_tokens`` before the chunk and causally within it (``BatchShape`` sums these)."""
+    return new_tokens * cached_tokens + new_tokens * (new_tokens + 1) // 2
+
+
 @dataclass(frozen=True, slots=True)
 class BatchShape:
     """What one engine step computes, summed over its sequences (never a list of them)."""

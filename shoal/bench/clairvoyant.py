@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from shoal.hashing import block_hashes
 from shoal.sim.cluster import EngineView
-from shoal.sim.perf import BatchShape
+from shoal.sim.perf import BatchShape, causal_pairs
 from shoal.sim.trace import TraceRequest
 
 # A prefill never needs more steps than this under any real token budget; the bound only guards
@@ -48,10 +48,8 @@ def predicted_ttft_s(view: EngineView, now: float, prompt_tokens: int, cached_to
         take_mine = min(mine, room - take_ahead)
         shape = BatchShape(
             prefill_tokens=take_ahead + take_mine,
-            prefill_attention_pairs=take_ahead * ahead_done
-            + take_ahead * (take_ahead + 1) // 2
-            + take_mine * mine_done
-            + take_mine * (take_mine + 1) // 2,
+            prefill_attention_pairs=causal_pairs(take_ahead, ahead_done)
+            + causal_pairs(take_mine, mine_done),
             prefill_context_tokens=(ahead_done + take_ahead if take_ahead else 0)
             + (mine_done + take_mine if take_mine else 0),
             decode_seqs=decode,
@@ -68,12 +66,17 @@ def predicted_ttft_s(view: EngineView, now: float, prompt_tokens: int, cached_to
     raise RuntimeError(f"prefill of {prompt_tokens} tokens does not fit the engine's token budget")
 
 
+def cacheable_block_hashes(prompt_ids: Sequence[int], block_size: int) -> list[int]:
+    """Hashes of the prompt's blocks that a prefix-cache lookup may hit: vLLM recomputes at least
+    the last prompt token, so only whole blocks before it count."""
+    cacheable = (len(prompt_ids) - 1) // block_size * block_size
+    return block_hashes(prompt_ids[:cacheable], block_size)
+
+
 def cached_prefix_tokens(view: EngineView, prompt_ids: Sequence[int]) -> int:
     """Prompt tokens the engine's scheduler would find cached now (whole blocks from the start)."""
     size = view.block_size
-    # vLLM recomputes at least the last prompt token, so only blocks before it can hit.
-    cacheable = (len(prompt_ids) - 1) // size * size
-    return view.cached_blocks(block_hashes(prompt_ids[:cacheable], size)) * size
+    return view.cached_blocks(cacheable_block_hashes(prompt_ids, size)) * size
 
 
 class EarliestFirstToken:
@@ -88,8 +91,12 @@ class EarliestFirstToken:
     ) -> int:
         now = request.arrival_s
         best, best_key = 0, (float("inf"), 0)
+        hashes: dict[int, list[int]] = {}  # by block size: a fleet usually has one
         for view in engines:
-            cached = cached_prefix_tokens(view, prompt_ids)
+            size = view.block_size
+            if size not in hashes:
+                hashes[size] = cacheable_block_hashes(prompt_ids, size)
+            cached = view.cached_blocks(hashes[size]) * size
             key = (predicted_ttft_s(view, now, len(prompt_ids), cached), view.num_unfinished)
             if key < best_key:
                 best, best_key = view.index, key

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from shoal.bench.report import percentile
 from shoal.bench.workloads import BenchRequest
-from shoal.sim.perf import BatchShape, PerfModel
+from shoal.sim.perf import BatchShape, PerfModel, causal_pairs
 
 
 def prefill_alone_s(perf: PerfModel, cached_tokens: int, new_tokens: int) -> float:
@@ -31,7 +31,7 @@ def prefill_alone_s(perf: PerfModel, cached_tokens: int, new_tokens: int) -> flo
         raise ValueError(f"a prefill computes at least one token, got {new_tokens}")
     shape = BatchShape(
         prefill_tokens=new_tokens,
-        prefill_attention_pairs=int(new_tokens * (cached_tokens + (new_tokens + 1) / 2)),
+        prefill_attention_pairs=causal_pairs(new_tokens, cached_tokens),
         prefill_context_tokens=cached_tokens + new_tokens,
     )
     return perf.step_time(shape)

@@ -80,7 +80,7 @@ class PipelineRouter:
         )
         self._states: list[EndpointState] = []
         self._index_of: dict[str, int] = {}
-        self._event_seq: list[int] = []
+        self._event_seq: dict[int, int] = {}  # engine -> next KV-event batch number
 
     def clock(self) -> float:
         """The virtual time of the decision being made (indexes expire entries by it)."""
@@ -92,7 +92,6 @@ class PipelineRouter:
                 EndpointState(Endpoint(engine_url(v.index), models=(v.model,))) for v in engines
             ]
             self._index_of = {state.url: i for i, state in enumerate(self._states)}
-            self._event_seq = [0] * len(engines)
         for state, view in zip(self._states, engines, strict=True):
             state.metrics = EngineMetrics(
                 num_requests_running=float(view.num_running),
@@ -126,8 +125,6 @@ class PipelineRouter:
 
     def on_kv_events(self, engine: int, at_s: float, events: list[KvEvent]) -> None:
         # A publisher numbers its batches without gaps, one batch per step, as vLLM does.
-        if engine >= len(self._event_seq):
-            self._event_seq.extend([0] * (engine + 1 - len(self._event_seq)))
-        seq = self._event_seq[engine]
+        seq = self._event_seq.get(engine, 0)
         self._event_seq[engine] = seq + 1
         self.kv_index.apply(engine_url(engine), seq, EventBatch(at_s, events))
